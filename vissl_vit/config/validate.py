@@ -1,0 +1,206 @@
+"""Validation of config sources against defaults.yaml, and the cross-key rules.
+
+Every key of a config file or override must exist in defaults.yaml, with a value of the default's
+type. Mappings whose default is ``{}`` are free-form (their reader checks them), and so are the
+entries of lists. A ``LOSS.<TorchLossName>`` mapping is allowed for torch.nn losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig
+
+from vissl_vit.errors import ConfigError, closest
+
+# Keys whose valid values span more than the default's type.
+_UNION_TYPES: dict[str, tuple[type, ...]] = {
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.QK_SCALE": (bool, float, int),
+    "config.MODEL.GRAD_CLIP.NORM_TYPE": (int, float, str),
+}
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}
+
+
+def _is_torch_loss(name: str) -> bool:
+    import torch.nn
+
+    return name.endswith("Loss") and isinstance(getattr(torch.nn, name, None), type)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_value(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check one leaf or subtree against its default; return the value (coerced) to merge."""
+    if key in _UNION_TYPES:
+        allowed = _UNION_TYPES[key]
+        if not isinstance(value, allowed):
+            names = " or ".join(_TYPE_NAMES[t] for t in allowed)
+            raise ConfigError(f"{key} in {source}: expected {names}, got {_describe(value)}.")
+        return value
+    if default is None or (isinstance(value, str) and value.startswith("${")):
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {source}: expected a mapping, got {_describe(value)}.")
+        if not default:  # free-form mapping
+            return value
+        return {k: _check_value(f"{key}.{k}", v, _child(key, default, k, source), source) for k, v in value.items()}
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} in {source}: expected bool (True or False), got {_describe(value)}.")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} in {source}: expected int, got {_describe(value)}.")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} in {source}: expected float, got {_describe(value)}.")
+        return float(value)
+    if isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. RUN_ID: 60215
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} in {source}: expected str, got {_describe(value)}.")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} in {source}: expected a list, got {_describe(value)}.")
+        return value
+    return value
+
+
+def _child(key: str, default: dict[str, Any], name: str, source: str) -> Any:
+    if name in default:
+        return default[name]
+    if key == "config.LOSS" and _is_torch_loss(name):
+        return {}  # kwargs of a torch.nn loss, checked by its constructor
+    near = closest(name, default)
+    hint = f" Did you mean {key}.{near[0]}?" if near else ""
+    known = ", ".join(sorted(default))
+    raise ConfigError(
+        f"Unknown key {key}.{name} in {source}.{hint} Keys under {key}: {known}. "
+        f"Every key is declared and explained in defaults.yaml."
+    )
+
+
+def check_source(data: dict[str, Any], defaults: dict[str, Any], source: str) -> None:
+    """Raise ConfigError if ``data`` (a config file's contents) has unknown keys or wrong types."""
+    _check_value("config", data.get("config", {}), defaults["config"], source)
+
+
+def coerce_override(key: str, value: Any, defaults: dict[str, Any], source: str) -> Any:
+    """Check a dotted override ``key=value`` against defaults.yaml; return the value to set."""
+    parts = key.split(".")
+    node: Any = defaults
+    path = parts[0]
+    node = node[parts[0]]
+    for name in parts[1:]:
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path} in {source} is a {type(node).__name__}, it has no key '{name}'.")
+        if not node and path != "config":  # inside a free-form mapping
+            return value
+        node = _child(path, node, name, source)
+        path = f"{path}.{name}"
+    return _check_value(key, value, node, source)
+
+
+def check_cross_keys(cfg: DictConfig) -> None:
+    """Rules that involve several keys, checked before anything is built.
+
+    Args:
+        cfg: the ``config`` node of a composed config.
+    """
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    prefix = "config.MODEL.TRUNK.VISION_TRANSFORMERS"
+    if vit.IMAGE_SIZE % vit.PATCH_SIZE:
+        raise ConfigError(f"{prefix}.IMAGE_SIZE={vit.IMAGE_SIZE} must be a multiple of PATCH_SIZE={vit.PATCH_SIZE}.")
+    if vit.HIDDEN_DIM % vit.NUM_HEADS:
+        raise ConfigError(f"{prefix}.HIDDEN_DIM={vit.HIDDEN_DIM} must be a multiple of NUM_HEADS={vit.NUM_HEADS}.")
+    if vit.CLASSIFIER not in ("token", "gap"):
+        raise ConfigError(f"{prefix}.CLASSIFIER='{vit.CLASSIFIER}': expected 'token' or 'gap'.")
+    if vit.CLASSIFIER == "token" and not vit.USE_CLASS_TOKEN:
+        raise ConfigError(f"{prefix}.CLASSIFIER='token' needs USE_CLASS_TOKEN=True; use CLASSIFIER='gap' without it.")
+    norm = cfg.MODEL.GRAD_CLIP.NORM_TYPE
+    if isinstance(norm, str) and norm != "inf":
+        raise ConfigError(f"config.MODEL.GRAD_CLIP.NORM_TYPE='{norm}': expected a number or 'inf'.")
+
+    heads = cfg.MODEL.HEAD.PARAMS
+    if heads:
+        _check_head_width(heads[0], vit.HIDDEN_DIM, cfg.MODEL.TRUNK.NAME)
+
+    for split in ("TRAIN", "TEST"):
+        d = cfg.DATA[split]
+        n = len(d.DATA_SOURCES)
+        for k in ("DATASET_NAMES", "DATA_PATHS"):
+            if len(d[k]) not in (0, n) and not (k == "DATA_PATHS" and all(s == "synthetic" for s in d.DATA_SOURCES)):
+                raise ConfigError(
+                    f"config.DATA.{split}.{k} has {len(d[k])} entries but DATA_SOURCES has {n}: give one per source."
+                )
+        if d.LABEL_TYPE not in ("standard", "sample_index", "zero"):
+            raise ConfigError(
+                f"config.DATA.{split}.LABEL_TYPE='{d.LABEL_TYPE}': expected standard, sample_index or zero."
+            )
+        if d.COPY_TO_LOCAL_DISK:
+            raise ConfigError(f"config.DATA.{split}.COPY_TO_LOCAL_DISK=True is not implemented yet; set it to False.")
+    if not cfg.DATA.TRAIN.DATA_SOURCES and not cfg.TEST_ONLY:
+        raise ConfigError("config.DATA.TRAIN.DATA_SOURCES is empty: say where the training images are.")
+    if (cfg.TEST_MODEL or cfg.TEST_ONLY) and not cfg.DATA.TEST.DATA_SOURCES:
+        raise ConfigError(
+            "config.TEST_MODEL=True but config.DATA.TEST.DATA_SOURCES is empty: set up DATA.TEST "
+            "or set config.TEST_MODEL=False."
+        )
+    if cfg.TEST_ONLY and not cfg.TEST_MODEL:
+        raise ConfigError("config.TEST_ONLY=True needs config.TEST_MODEL=True.")
+
+    sched = cfg.OPTIMIZER.param_schedulers.lr
+    if sched.update_interval not in ("step", "epoch"):
+        raise ConfigError(
+            f"config.OPTIMIZER.param_schedulers.lr.update_interval='{sched.update_interval}': expected step or epoch."
+        )
+    if sched.auto_lr_scaling.scaling_type not in ("linear", "sqrt"):
+        raise ConfigError(
+            "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.scaling_type="
+            f"'{sched.auto_lr_scaling.scaling_type}': expected linear or sqrt."
+        )
+    if sched.name == "composite":
+        n = len(sched.schedulers)
+        if n == 0 or len(sched.lengths) != n or len(sched.interval_scaling) not in (0, n):
+            raise ConfigError(
+                "config.OPTIMIZER.param_schedulers.lr: a composite schedule needs schedulers, and lengths "
+                f"(and interval_scaling) with one entry each; got {n} schedulers, {len(sched.lengths)} lengths, "
+                f"{len(sched.interval_scaling)} interval_scaling."
+            )
+        if not math.isclose(sum(sched.lengths), 1.0, abs_tol=1e-3):
+            raise ConfigError(
+                f"config.OPTIMIZER.param_schedulers.lr.lengths={list(sched.lengths)} add up to "
+                f"{sum(sched.lengths):g}; they must add up to 1."
+            )
+    if cfg.DISTRIBUTED.NUM_NODES < 1 or cfg.DISTRIBUTED.NUM_PROC_PER_NODE < 1:
+        raise ConfigError("config.DISTRIBUTED.NUM_NODES and NUM_PROC_PER_NODE must be at least 1.")
+    if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
+        raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
+
+
+def _check_head_width(head: Any, width: int, trunk: str) -> None:
+    if not (len(head) == 2 and isinstance(head[0], str)):
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS entries are [name, {{kwargs}}] pairs; got {list(head)}."
+        )
+    name, kwargs = head[0], head[1]
+    in_dim = None
+    if "in_plane" in kwargs:
+        in_dim = kwargs["in_plane"]
+    elif "in_channels" in kwargs:
+        in_dim = kwargs["in_channels"]
+    elif "dims" in kwargs and len(kwargs["dims"]):
+        in_dim = kwargs["dims"][0]
+    if in_dim is not None and in_dim != width:
+        raise ConfigError(
+            f"config.MODEL.HEAD.PARAMS: the first head '{name}' takes inputs of width {in_dim}, but the "
+            f"{trunk} trunk outputs HIDDEN_DIM={width}; they must match."
+        )

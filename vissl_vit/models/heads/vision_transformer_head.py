@@ -1,0 +1,42 @@
+"""The ViT classification head: optional pre-logits (Linear + Tanh), then a linear classifier.
+
+As in the ViT paper's pre-training setup: the pre-logits layer is used when pre-training on large
+data sets, and the classifier is initialised at zero.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from vissl_vit.registry import HEADS
+
+
+@HEADS.register("vision_transformer_head")
+class VisionTransformerHead(nn.Module):
+    """Args:
+    in_plane: input width (the trunk's HIDDEN_DIM).
+    num_classes: number of classes.
+    hidden_dim: width of the Tanh pre-logits layer, or None for a single linear layer.
+    """
+
+    def __init__(self, in_plane: int, num_classes: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        layers: list[tuple[str, nn.Module]] = []
+        width = in_plane
+        if hidden_dim:
+            layers += [("pre_logits", nn.Linear(in_plane, hidden_dim)), ("act", nn.Tanh())]
+            width = hidden_dim
+        layers.append(("head", nn.Linear(width, num_classes)))
+        self.layers = nn.Sequential(OrderedDict(layers))
+        if hidden_dim:
+            nn.init.trunc_normal_(self.layers.pre_logits.weight, std=(1.0 / in_plane) ** 0.5)  # lecun normal
+            nn.init.zeros_(self.layers.pre_logits.bias)
+        nn.init.zeros_(self.layers.head.weight)
+        nn.init.zeros_(self.layers.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, in_plane] -> logits [B, num_classes]."""
+        return self.layers(x)

@@ -1,0 +1,3 @@
+"""Trunks, registered by name in TRUNKS."""
+
+from vissl_vit.models.trunks import vision_transformer  # noqa: F401  (registration)

@@ -1,0 +1,82 @@
+"""One Registry type (fvcore's), one instance per kind of component.
+
+Each registry maps a name used in YAML (``MODEL.TRUNK.NAME: vision_transformer``) to a class or
+function. A failed lookup raises :class:`~vissl_vit.errors.ConfigError` listing the known names
+and the closest one, instead of fvcore's bare ``KeyError``.
+
+Modules register themselves on import; ``vissl_vit/<kind>/__init__.py`` imports every module
+of its kind explicitly, so what is registered is visible there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fvcore.common.registry import Registry as _FvcoreRegistry
+
+from vissl_vit.errors import ConfigError, did_you_mean
+
+
+class Registry(_FvcoreRegistry):
+    """fvcore's Registry with a lookup error that lists the known names."""
+
+    def get(self, name: str) -> Any:
+        ret = self._obj_map.get(name)
+        if ret is None:
+            known = ", ".join(sorted(self._obj_map))
+            raise ConfigError(
+                f"Unknown {self._name} '{name}'.{did_you_mean(name, self._obj_map)} "
+                f"Known {self._name} names: {known}."
+            )
+        return ret
+
+    def register(self, name: str | None = None) -> Any:  # type: ignore[override]
+        """Decorator registering a class or function under ``name`` (default: its own name)."""
+
+        def deco(obj: Any) -> Any:
+            self._do_register(name or obj.__name__, obj)
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._obj_map)
+
+
+TRUNKS = Registry("trunk")
+TRUNKS.__doc__ = """Trunks: ``cls(**kwargs) -> nn.Module`` whose ``forward(x, out_feat_keys=None)``
+returns a list of tensors, one per requested feature (the default feature when None)."""
+
+HEADS = Registry("head")
+HEADS.__doc__ = """Heads: ``cls(**kwargs) -> nn.Module`` mapping one tensor to one tensor.
+The kwargs are the dict of a ``MODEL.HEAD.PARAMS`` entry."""
+
+LOSSES = Registry("loss")
+LOSSES.__doc__ = """Losses: ``cls(**kwargs)`` built from ``LOSS.<name>``; ``forward(output, target)``
+takes the model's list of outputs and the batch's target and returns a scalar tensor."""
+
+COLLATORS = Registry("collator")
+COLLATORS.__doc__ = """Collators: ``fn(samples, **COLLATE_FUNCTION_PARAMS) -> dict`` turning a list
+of ``{"data": ..., "label": ..., "index": ...}`` samples into a batch dict."""
+
+TRANSFORMS = Registry("transform")
+TRANSFORMS.__doc__ = """Transforms: ``cls(**kwargs)`` from one ``DATA.*.TRANSFORMS`` entry; torchvision's
+transforms are looked up by their own names when not registered here."""
+
+DATASETS = Registry("dataset")
+DATASETS.__doc__ = """Data sources: ``fn(path, label_path, split, **kwargs) -> Dataset`` of
+``(image, label)`` pairs, named in ``DATA.*.DATA_SOURCES``."""
+
+OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS.__doc__ = """Optimizers: ``fn(param_groups, **kwargs) -> torch.optim.Optimizer``."""
+
+SCHEDULERS = Registry("scheduler")
+SCHEDULERS.__doc__ = """Parameter schedules: ``fn(**kwargs) -> fvcore ParamScheduler``, a function of
+the training progress ``where`` in [0, 1)."""
+
+HOOKS = Registry("hook")
+HOOKS.__doc__ = """Trainer hooks: ``cls(**kwargs) -> HookBase``, built by ``build_hooks``."""
+
+METERS = Registry("meter")
+METERS.__doc__ = """Meters: ``cls(**kwargs)`` with ``update(outputs, target)``, ``value()``, ``reset()``."""
