@@ -1,0 +1,29 @@
+"""vissl_vit: train Vision Transformers, supervised or self-supervised, from a YAML file.
+
+The Python API mirrors the command line::
+
+    from vissl_vit import compose_config, build_model, build_loss, build_dataset, build_dataloader
+
+    cfg = compose_config(["config=test/quick_vit", "config.OPTIMIZER.num_epochs=1"]).config
+    model = build_model(cfg)            # trunk + heads
+    loss = build_loss(cfg)              # LOSS.name with LOSS.<name>'s arguments
+    dataset = build_dataset(cfg, "TRAIN")
+    optimizer = build_optimizer(cfg, model)
+
+``run_train_engine(compose_config([...]))`` runs a whole training in this process.
+"""
+
+from vissl_vit.config import compose_config, derive_run_values
+from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.engine.train_engine import run_train_engine
+from vissl_vit.losses import build_loss
+from vissl_vit.meters import build_meter
+from vissl_vit.models import build_model
+from vissl_vit.optim import build_lr_scheduler, build_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_dataloader", "build_dataset", "build_loss", "build_lr_scheduler", "build_meter", "build_model",
+    "build_optimizer", "compose_config", "derive_run_values", "run_train_engine",
+]

@@ -1,0 +1,3 @@
+"""Collators, registered by name in COLLATORS (DATA.*.COLLATE_FUNCTION)."""
+
+from vissl_vit.data.collators import default  # noqa: F401  (registration)

@@ -1,0 +1,35 @@
+"""The interface of a data source: images by index, loaded lazily, with labels."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+
+class ImageSource:
+    """A list of images and labels. ``load`` may raise for an unreadable image: the caller
+    (:class:`~vissl_vit.data.dataset.VisslDataset`) counts it and substitutes another image."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        """The image at ``index`` (PIL)."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        """The class label at ``index``."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where image ``index`` comes from (a path), for error messages."""
+        return f"image {index}"
+
+
+def open_image(path: str) -> Image.Image:
+    """Decode an image file fully (so a truncated file fails here, not later) as RGB."""
+    from iopath.common.file_io import g_pathmgr
+
+    with g_pathmgr.open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img.convert("RGB")

@@ -1,0 +1,5 @@
+"""Transforms by name: vissl_vit's (registered in TRANSFORMS) and torchvision's."""
+
+from vissl_vit.data.transforms.build import build_transforms
+
+__all__ = ["build_transforms"]

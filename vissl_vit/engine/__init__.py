@@ -1,0 +1,1 @@
+"""The engines (train), the Trainer loop, its hooks, checkpoints and the launcher."""

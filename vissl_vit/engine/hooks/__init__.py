@@ -1,0 +1,12 @@
+"""Trainer hooks, registered by name in HOOKS."""
+
+from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.engine.hooks.checkpoint_hook import CheckpointHook, restore_trainer, trainer_state
+from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
+from vissl_vit.engine.hooks.logging_hooks import LogHook, ProgressBarHook
+from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
+
+__all__ = [
+    "BadImageHook", "CheckpointHook", "HookBase", "LogHook", "NanLossHook", "ProgressBarHook", "TestHook",
+    "TrainMeterHook", "restore_trainer", "trainer_state",
+]

@@ -1,0 +1,130 @@
+"""Phase hooks: the train meter and the test phases, each writing a metrics.json line per phase.
+
+metrics.json follows VISSL: ``{"iteration": 500, "phase_idx": 3, "train_phase_idx": 1,
+"test_accuracy_list_meter": {"top_1": {"0": 87.3}}}``, phases numbered in the order they ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.registry import HOOKS
+from vissl_vit.utils.logging import JsonLinesWriter
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseWriter:
+    def __init__(self, metrics_json: JsonLinesWriter | None, tb_writer: Any, meter_name: str) -> None:
+        self.metrics_json, self.tb, self.meter_name = metrics_json, tb_writer, meter_name
+
+    def write(self, trainer: Any, prefix: str, train_phase_idx: int, values: dict[str, Any]) -> None:
+        record = {"iteration": trainer.iteration, "phase_idx": trainer.phase_idx, "train_phase_idx": train_phase_idx}
+        record.update({f"{prefix}_{k}": v for k, v in values.items()})
+        trainer.phase_idx += 1
+        if self.metrics_json is not None:
+            self.metrics_json.write(record)
+            logger.info("%s phase %d: %s", prefix, train_phase_idx, {k: v for k, v in record.items() if k.startswith(prefix)})
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, dict):  # meter: {"top_1": {"0": 87.3}}
+                    for metric, per_output in v.items():
+                        for out, val in per_output.items():
+                            self.tb.add_scalar(f"{prefix}/{metric}/{out}", val, trainer.iteration)
+                else:
+                    self.tb.add_scalar(f"{prefix}/{k}", v, trainer.iteration)
+
+
+@HOOKS.register("train_meter_hook")
+class TrainMeterHook(HookBase):
+    """Accumulate the train meter and mean loss over each epoch; one metrics.json line per epoch."""
+
+    def __init__(self, meter: Any, writer: PhaseWriter, all_reduce: Any) -> None:
+        self.meter, self.writer, self.all_reduce = meter, writer, all_reduce
+        self.loss_sum, self.steps = 0.0, 0
+
+    def after_step(self) -> None:
+        last = self.trainer.last
+        self.loss_sum += last.loss.item()
+        self.steps += 1
+        if self.meter is not None:
+            self.meter.update(last.outputs, last.target)
+
+    def after_epoch(self) -> None:
+        values: dict[str, Any] = {"loss": self.loss_sum / max(self.steps, 1)}
+        if self.meter is not None:
+            self.meter.sync(self.all_reduce)
+            values[self.writer.meter_name] = self.meter.value()
+            self.meter.reset()
+        self.writer.write(self.trainer, "train", self.trainer.epoch - 1, values)
+        self.loss_sum, self.steps = 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"loss_sum": self.loss_sum, "steps": self.steps}
+        if self.meter is not None:
+            state["meter"] = {"correct": self.meter.correct, "count": self.meter.count}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.steps = state["loss_sum"], state["steps"]
+        if self.meter is not None and "meter" in state:
+            self.meter.correct, self.meter.count = state["meter"]["correct"], state["meter"]["count"]
+
+
+@HOOKS.register("test_hook")
+class TestHook(HookBase):
+    """Evaluate on the test loader every ``every_n_epochs`` epochs and after the last one.
+
+    Args:
+        loader: the test loader.
+        meter: the test meter.
+        writer: writes metrics.json lines.
+        every_n_epochs: TEST_EVERY_NUM_EPOCH.
+        num_epochs: epochs in all (the last always gets a test phase).
+        all_reduce: sums a tensor over ranks.
+    """
+
+    def __init__(
+        self, loader: DataLoader, meter: Any, writer: PhaseWriter, every_n_epochs: int, num_epochs: int, all_reduce: Any
+    ) -> None:
+        self.loader, self.meter, self.writer = loader, meter, writer
+        self.every_n_epochs, self.num_epochs, self.all_reduce = every_n_epochs, num_epochs, all_reduce
+
+    def after_epoch(self) -> None:
+        done = self.trainer.epoch  # epochs completed
+        if done % self.every_n_epochs == 0 or done == self.num_epochs:
+            self.run_test(done - 1)
+
+    @torch.no_grad()
+    def run_test(self, train_phase_idx: int) -> dict[str, Any]:
+        """One pass over the test set in eval mode; returns and writes the meter's values."""
+        t = self.trainer
+        model = t.model
+        was_training = model.training
+        model.eval()
+        self.loader.sampler.set_epoch(0)
+        self.loader.sampler.set_start_iteration(0)
+        loss_sum, n = 0.0, 0
+        if self.meter is not None:
+            self.meter.reset()
+        for batch in self.loader:
+            data = batch["data"].to(t.device, non_blocking=True)
+            target = batch["label"].to(t.device, non_blocking=True)
+            outputs = model(data)
+            loss_sum += t.loss_fn(outputs, target).item() * data.shape[0]
+            n += data.shape[0]
+            if self.meter is not None:
+                self.meter.update(outputs, target)
+        totals = self.all_reduce(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
+        values: dict[str, Any] = {"loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        if self.meter is not None:
+            self.meter.sync(self.all_reduce)
+            values[self.writer.meter_name] = self.meter.value()
+        self.writer.write(t, "test", train_phase_idx, values)
+        model.train(was_training)
+        return values

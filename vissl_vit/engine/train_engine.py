@@ -1,0 +1,175 @@
+"""The "train" engine: build everything from the config, resume if asked, train, test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vissl_vit.config.derive import DerivedValues, derive_run_values
+from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.engine.checkpoint import find_latest, load_checkpoint
+from vissl_vit.engine.hooks import (
+    BadImageHook,
+    CheckpointHook,
+    LogHook,
+    NanLossHook,
+    ProgressBarHook,
+    TestHook,
+    TrainMeterHook,
+    restore_trainer,
+)
+from vissl_vit.engine.hooks.phases import PhaseWriter
+from vissl_vit.engine.trainer import Trainer
+from vissl_vit.errors import ConfigError
+from vissl_vit.losses import build_loss
+from vissl_vit.meters import build_meter
+from vissl_vit.models import build_model
+from vissl_vit.optim import build_lr_scheduler, build_optimizer
+from vissl_vit.utils.distributed import all_reduce_sum
+from vissl_vit.utils.logging import JsonLinesWriter, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_device(cfg: DictConfig, local_rank: int) -> torch.device:
+    """MACHINE.DEVICE -> a torch.device; gpu without CUDA is an error, not a silent CPU run."""
+    if cfg.MACHINE.DEVICE == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("config.MACHINE.DEVICE=gpu but torch sees no CUDA device; set config.MACHINE.DEVICE=cpu.")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def write_run_config(run_dir: str, cfg_root: DictConfig, derived: DerivedValues) -> None:
+    """train_config.yaml: the composed config, and what was derived from it."""
+    text = OmegaConf.to_yaml(cfg_root) + OmegaConf.to_yaml({"derived": derived.as_dict()})
+    tmp = os.path.join(run_dir, ".train_config.yaml.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(run_dir, "train_config.yaml"))
+
+
+def _tensorboard(cfg: DictConfig, run_dir: str, primary: bool) -> Any:
+    if not (primary and cfg.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(run_dir, "tb_logs"), flush_secs=30,
+                         max_queue=cfg.HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_ITER)
+
+
+def _resume(cfg: DictConfig, run_dir: str, trainer: Trainer) -> None:
+    path = find_latest(run_dir)
+    if path is None:
+        return
+    if not cfg.CHECKPOINT.AUTO_RESUME:
+        if not cfg.CHECKPOINT.OVERWRITE_EXISTING:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints ({os.path.basename(path)}) and config.CHECKPOINT.AUTO_RESUME=False: "
+                "resume with AUTO_RESUME=True, choose another config.CHECKPOINT.DIR, or set "
+                "config.CHECKPOINT.OVERWRITE_EXISTING=True to train from scratch over them."
+            )
+        logger.warning("Training from scratch over the checkpoints in %s (OVERWRITE_EXISTING=True)", run_dir)
+        return
+    logger.info("Resuming from %s", path)
+    restore_trainer(trainer, load_checkpoint(path))
+    logger.info("Resumed at iteration %d (epoch %d)", trainer.iteration, trainer.epoch)
+
+
+def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, world_size: int = 1) -> Trainer:
+    """Train (and test) as the config says, in this process; returns the finished Trainer.
+
+    Args:
+        cfg_root: a composed config (``compose_config``), with ``config`` under it.
+        rank: this process's global rank.
+        local_rank: its rank on this node (its GPU).
+        world_size: processes in all.
+    """
+    cfg = cfg_root.config
+    primary = rank == 0
+    run_dir = os.path.abspath(cfg.CHECKPOINT.DIR)
+    os.makedirs(run_dir, exist_ok=True)
+    setup_logging(run_dir, rank)
+    if cfg.MACHINE.CPU_THREADS > 0:
+        torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
+    device = get_device(cfg, local_rank)
+    seed_all(cfg.SEED_VALUE + rank)
+
+    train_ds = build_dataset(cfg, "TRAIN") if len(cfg.DATA.TRAIN.DATA_SOURCES) else None
+    derived = derive_run_values(cfg, len(train_ds) if train_ds is not None else 0)
+    if primary:
+        write_run_config(run_dir, cfg_root, derived)
+    if cfg.VERBOSE:
+        logger.info("Config:\n%s", OmegaConf.to_yaml(cfg_root))
+
+    model = build_model(cfg).to(device)
+    if cfg.VERBOSE:
+        logger.info("Model:\n%s", model)
+    logger.info("Model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    loss_fn = build_loss(cfg).to(device)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg, model)
+    train_loader = build_dataloader(cfg, "TRAIN", train_ds, rank, world_size, device) if train_ds is not None else None
+    clip = cfg.MODEL.GRAD_CLIP
+    norm_type = float(clip.NORM_TYPE) if clip.NORM_TYPE != "inf" else float("inf")
+    trainer = Trainer(
+        model, loss_fn, optimizer, build_lr_scheduler(derived), train_loader,
+        iterations_per_epoch=max(derived.iterations_per_epoch, 1), max_iterations=derived.max_iterations,
+        update_interval=cfg.OPTIMIZER.param_schedulers.lr.update_interval, device=device,
+        grad_clip=(clip.MAX_NORM, norm_type) if clip.USE_GRAD_CLIP else None,
+    )
+
+    stdout_json = JsonLinesWriter(os.path.join(run_dir, "stdout.json")) if primary else None
+    metrics_json = JsonLinesWriter(os.path.join(run_dir, "metrics.json")) if primary else None
+    tb = _tensorboard(cfg, run_dir, primary)
+    writer = PhaseWriter(metrics_json, tb, cfg.METERS.name or "meter")
+    # Order matters: guards first (a rejected step must not reach the meters or the checkpoint),
+    # then meters and logs, then the test phase, and the checkpoint last so it records all of them.
+    hooks: list[Any] = []
+    if cfg.HOOKS.CHECK_NAN:
+        hooks.append(NanLossHook())
+    if train_ds is not None:
+        hooks.append(BadImageHook(len(train_ds), cfg.DATA.MAX_BAD_IMAGE_FRACTION, all_reduce_sum))
+    hooks.append(TrainMeterHook(build_meter(cfg), writer, all_reduce_sum))
+    hooks.append(LogHook(cfg.LOG_FREQUENCY, stdout_json, tb, world_size))
+    if primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR:
+        hooks.append(ProgressBarHook(cfg.LOG_FREQUENCY))
+    test_hook = None
+    if cfg.TEST_MODEL:
+        test_ds = build_dataset(cfg, "TEST")
+        test_loader = build_dataloader(cfg, "TEST", test_ds, rank, world_size, device)
+        test_hook = TestHook(test_loader, build_meter(cfg), writer, cfg.TEST_EVERY_NUM_EPOCH, cfg.OPTIMIZER.num_epochs, all_reduce_sum)
+        hooks.append(test_hook)
+    c = cfg.CHECKPOINT
+    hooks.append(CheckpointHook(run_dir, c.CHECKPOINT_FREQUENCY, c.CHECKPOINT_ITER_FREQUENCY, c.KEEP_LAST, primary))
+    trainer.register_hooks(hooks)
+
+    _resume(cfg, run_dir, trainer)
+    try:
+        if cfg.TEST_ONLY:
+            test_hook.trainer = trainer
+            test_hook.run_test(max(trainer.epoch - 1, 0))
+        elif trainer.iteration >= trainer.max_iterations:
+            logger.info("Training already complete (%d iterations); nothing to do.", trainer.iteration)
+        else:
+            trainer.train()
+    finally:
+        for w in (stdout_json, metrics_json, tb):
+            if w is not None:
+                w.close()
+    logger.info("Done. Run folder: %s", run_dir)
+    return trainer

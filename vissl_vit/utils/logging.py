@@ -1,0 +1,47 @@
+"""Logging to the console and to <run folder>/log.txt, and JSON-lines files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+LOGGER_NAME = "vissl_vit"
+_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
+
+
+def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
+    """Console logging on every rank (rank-prefixed beyond 0); log.txt on rank 0 only (appended)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = _FORMAT if rank == 0 else f"[rank {rank}] {_FORMAT}"
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    logger.addHandler(console)
+    if run_dir is not None and rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(run_dir, "log.txt"), mode="a")
+        fh.setFormatter(logging.Formatter(_FORMAT))
+        logger.addHandler(fh)
+    return logger
+
+
+class JsonLinesWriter:
+    """Appends one JSON object per line to a file, flushed after each line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
