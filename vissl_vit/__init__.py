@@ -24,6 +24,14 @@ from vissl_vit.optim import build_lr_scheduler, build_optimizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_dataloader", "build_dataset", "build_loss", "build_lr_scheduler", "build_meter", "build_model",
-    "build_optimizer", "compose_config", "derive_run_values", "run_train_engine",
+    "build_dataloader",
+    "build_dataset",
+    "build_loss",
+    "build_lr_scheduler",
+    "build_meter",
+    "build_model",
+    "build_optimizer",
+    "compose_config",
+    "derive_run_values",
+    "run_train_engine",
 ]

@@ -25,8 +25,7 @@ class Registry(_FvcoreRegistry):
         if ret is None:
             known = ", ".join(sorted(self._obj_map))
             raise ConfigError(
-                f"Unknown {self._name} '{name}'.{did_you_mean(name, self._obj_map)} "
-                f"Known {self._name} names: {known}."
+                f"Unknown {self._name} '{name}'.{did_you_mean(name, self._obj_map)} Known {self._name} names: {known}."
             )
         return ret
 

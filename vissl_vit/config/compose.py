@@ -60,7 +60,9 @@ def _resolve_config_file(name: str, what: str) -> Path:
     if not near:  # fall back to configs in the same folder, or sharing the file name
         stem = Path(rel).name
         near = [k for k in known if k.startswith(str(Path(rel).parent) + "/") or Path(k).name == stem][:5]
-    hint = ("Nearest existing: " + ", ".join(near) + ".") if near else f"{len(known)} configs exist under {configs_dir()}."
+    hint = (
+        ("Nearest existing: " + ", ".join(near) + ".") if near else f"{len(known)} configs exist under {configs_dir()}."
+    )
     raise ConfigError(f"Unknown {what} '{rel}': no file {path}. {hint}")
 
 
@@ -93,7 +95,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                 raise ConfigError(f"'{o.input_line}': only one config=... may be given. {USAGE}")
             main_file = _resolve_config_file(str(o.value()), "config")
         elif key.startswith("config/") and o.is_add():
-            overlays.append(_resolve_config_file(f"{key[len('config/'):]}/{o.value()}", "overlay"))
+            overlays.append(_resolve_config_file(f"{key[len('config/') :]}/{o.value()}", "overlay"))
         elif key.startswith("config.") and not o.is_add():
             dotted.append((key, o.value(), o.input_line))
         elif key.startswith("config.") and o.is_add():

@@ -50,20 +50,26 @@ def schedule_spec(sched: dict[str, Any], where: str) -> dict[str, Any]:
     name = sched.get("name")
     if name not in SCHEDULE_KEYS:
         raise ConfigError(f"{where}.name='{name}': expected one of {', '.join(SCHEDULE_KEYS)}.")
+    extra = set(sched) - set(SCHEDULE_KEYS[name]) - {"name"}
+    if where.endswith("]") and extra:  # composite entries are free-form dicts: catch typos there
+        raise ConfigError(
+            f"{where}: unknown keys {sorted(extra)} for a {name} schedule; it takes {SCHEDULE_KEYS[name]}."
+        )
     spec: dict[str, Any] = {"name": name}
     for key in SCHEDULE_KEYS[name]:
         if key not in sched:
             raise ConfigError(f"{where}: a {name} schedule needs '{key}'.")
         spec[key] = sched[key]
-    extra = set(sched) - set(SCHEDULE_KEYS[name]) - {"name"}
-    if where.endswith("]") and extra:  # composite entries are free-form dicts: catch typos there
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)} for a {name} schedule; it takes {SCHEDULE_KEYS[name]}.")
     if name == "composite":
-        spec["schedulers"] = [schedule_spec(dict(s), f"{where}.schedulers[{i}]") for i, s in enumerate(sched["schedulers"])]
+        spec["schedulers"] = [
+            schedule_spec(dict(s), f"{where}.schedulers[{i}]") for i, s in enumerate(sched["schedulers"])
+        ]
         if not spec["interval_scaling"]:
             spec["interval_scaling"] = ["rescaled"] * len(spec["schedulers"])
     if name == "multistep" and len(spec["values"]) != len(spec["milestones"]) + 1:
-        raise ConfigError(f"{where}: multistep needs one more value than milestones; got {spec['values']} and {spec['milestones']}.")
+        raise ConfigError(
+            f"{where}: multistep needs one more value than milestones; got {spec['values']} and {spec['milestones']}."
+        )
     return spec
 
 
@@ -119,13 +125,22 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     logger.info(
         "Derived: world size %d, global batch %d (%d per replica), %d training images, %d iterations/epoch, "
         "%d iterations in all",
-        world, global_batch, per_replica, train_dataset_size, iters, derived.max_iterations,
+        world,
+        global_batch,
+        per_replica,
+        train_dataset_size,
+        iters,
+        derived.max_iterations,
     )
     if auto["auto_scale"]:
         logger.info(
             "Auto LR scaling (%s): base lr %g at batch %d -> %g at global batch %d (every schedule value x %.4g)",
-            auto["scaling_type"], auto["base_value"], auto["base_lr_batch_size"],
-            auto["base_value"] * factor, global_batch, factor,
+            auto["scaling_type"],
+            auto["base_value"],
+            auto["base_lr_batch_size"],
+            auto["base_value"] * factor,
+            global_batch,
+            factor,
         )
     logger.info("LR schedule: %s", spec)
     return derived

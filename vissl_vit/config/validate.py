@@ -188,9 +188,7 @@ def check_cross_keys(cfg: DictConfig) -> None:
 
 def _check_head_width(head: Any, width: int, trunk: str) -> None:
     if not (len(head) == 2 and isinstance(head[0], str)):
-        raise ConfigError(
-            f"config.MODEL.HEAD.PARAMS entries are [name, {{kwargs}}] pairs; got {list(head)}."
-        )
+        raise ConfigError(f"config.MODEL.HEAD.PARAMS entries are [name, {{kwargs}}] pairs; got {list(head)}.")
     name, kwargs = head[0], head[1]
     in_dim = None
     if "in_plane" in kwargs:

@@ -67,8 +67,13 @@ def build_dataloader(
     """
     d = cfg.DATA[split]
     sampler = ResumableDistributedSampler(
-        len(dataset), world_size, rank, d.BATCHSIZE_PER_REPLICA,
-        shuffle=split == "TRAIN", seed=cfg.SEED_VALUE, drop_last=d.DROP_LAST,
+        len(dataset),
+        world_size,
+        rank,
+        d.BATCHSIZE_PER_REPLICA,
+        shuffle=split == "TRAIN",
+        seed=cfg.SEED_VALUE,
+        drop_last=d.DROP_LAST,
     )
     collate: Any = COLLATORS.get(d.COLLATE_FUNCTION)
     params = OmegaConf.to_container(d.COLLATE_FUNCTION_PARAMS, resolve=True)

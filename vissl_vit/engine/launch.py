@@ -6,7 +6,6 @@ config (errors are printed without a traceback, exit status 2), then run ENGINE_
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -90,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os._exit(main())
+    sys.exit(main())

@@ -67,8 +67,9 @@ def _tensorboard(cfg: DictConfig, run_dir: str, primary: bool) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(run_dir, "tb_logs"), flush_secs=30,
-                         max_queue=cfg.HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_ITER)
+    return SummaryWriter(
+        os.path.join(run_dir, "tb_logs"), flush_secs=30, max_queue=cfg.HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_ITER
+    )
 
 
 def _resume(cfg: DictConfig, run_dir: str, trainer: Trainer) -> None:
@@ -118,18 +119,28 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     model = build_model(cfg).to(device)
     if cfg.VERBOSE:
         logger.info("Model:\n%s", model)
+        names = "\n".join(f"  {n} {tuple(p.shape)}" for n, p in model.named_parameters())
+        logger.info("Parameters (what non_regularized_parameters matches):\n%s", names)
     logger.info("Model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     loss_fn = build_loss(cfg).to(device)
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
     optimizer = build_optimizer(cfg, model)
     train_loader = build_dataloader(cfg, "TRAIN", train_ds, rank, world_size, device) if train_ds is not None else None
     clip = cfg.MODEL.GRAD_CLIP
     norm_type = float(clip.NORM_TYPE) if clip.NORM_TYPE != "inf" else float("inf")
     trainer = Trainer(
-        model, loss_fn, optimizer, build_lr_scheduler(derived), train_loader,
-        iterations_per_epoch=max(derived.iterations_per_epoch, 1), max_iterations=derived.max_iterations,
-        update_interval=cfg.OPTIMIZER.param_schedulers.lr.update_interval, device=device,
+        model,
+        loss_fn,
+        optimizer,
+        build_lr_scheduler(derived),
+        train_loader,
+        iterations_per_epoch=max(derived.iterations_per_epoch, 1),
+        max_iterations=derived.max_iterations,
+        update_interval=cfg.OPTIMIZER.param_schedulers.lr.update_interval,
+        device=device,
         grad_clip=(clip.MAX_NORM, norm_type) if clip.USE_GRAD_CLIP else None,
     )
 
@@ -152,7 +163,9 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     if cfg.TEST_MODEL:
         test_ds = build_dataset(cfg, "TEST")
         test_loader = build_dataloader(cfg, "TEST", test_ds, rank, world_size, device)
-        test_hook = TestHook(test_loader, build_meter(cfg), writer, cfg.TEST_EVERY_NUM_EPOCH, cfg.OPTIMIZER.num_epochs, all_reduce_sum)
+        test_hook = TestHook(
+            test_loader, build_meter(cfg), writer, cfg.TEST_EVERY_NUM_EPOCH, cfg.OPTIMIZER.num_epochs, all_reduce_sum
+        )
         hooks.append(test_hook)
     c = cfg.CHECKPOINT
     hooks.append(CheckpointHook(run_dir, c.CHECKPOINT_FREQUENCY, c.CHECKPOINT_ITER_FREQUENCY, c.KEEP_LAST, primary))
@@ -161,7 +174,6 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     _resume(cfg, run_dir, trainer)
     try:
         if cfg.TEST_ONLY:
-            test_hook.trainer = trainer
             test_hook.run_test(max(trainer.epoch - 1, 0))
         elif trainer.iteration >= trainer.max_iterations:
             logger.info("Training already complete (%d iterations); nothing to do.", trainer.iteration)

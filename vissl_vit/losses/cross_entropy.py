@@ -58,8 +58,12 @@ class CrossEntropyMultipleOutputSingleTargetLoss(nn.Module):
             kwargs = {"ignore_index": self.ignore_index} if not target.is_floating_point() else {}
             losses.append(
                 F.cross_entropy(
-                    logits, target, weight=self.weight, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing, **kwargs,
+                    logits,
+                    target,
+                    weight=self.weight,
+                    reduction=self.reduction,
+                    label_smoothing=self.label_smoothing,
+                    **kwargs,
                 )
             )
         return torch.stack(losses).mean(dim=0)

@@ -34,7 +34,9 @@ class AccuracyListMeter:
     @torch.no_grad()
     def update(self, outputs: list[torch.Tensor], target: torch.Tensor) -> None:
         if len(outputs) != self.num_meters:
-            raise ValueError(f"accuracy_list_meter: num_meters={self.num_meters} but the model has {len(outputs)} outputs")
+            raise ValueError(
+                f"accuracy_list_meter: num_meters={self.num_meters} but the model has {len(outputs)} outputs"
+            )
         if target.ndim == 2:
             target = target.argmax(dim=1)
         maxk = max(self.topk)
@@ -55,4 +57,7 @@ class AccuracyListMeter:
     def value(self) -> dict[str, dict[str, float]]:
         """``{"top_1": {"0": 76.1}, "top_5": {...}}``: VISSL's layout in metrics.json."""
         acc = self.correct / max(self.count, 1) * 100.0
-        return {f"top_{k}": {name: round(acc[m, j].item(), 4) for m, name in enumerate(self.names)} for j, k in enumerate(self.topk)}
+        return {
+            f"top_{k}": {name: round(acc[m, j].item(), 4) for m, name in enumerate(self.names)}
+            for j, k in enumerate(self.topk)
+        }

@@ -29,9 +29,7 @@ def get_param_groups(
             ``pos_embedding`` / ``class_token`` are accepted. An entry that matches nothing raises.
     """
     patterns = [ALIASES.get(p, p) for p in non_regularized_parameters]
-    norm_params = {
-        id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)
-    }
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     matched = dict.fromkeys(non_regularized_parameters, False)
     reg, no_reg = [], []
     names = []

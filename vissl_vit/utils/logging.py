@@ -32,11 +32,25 @@ def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
     return logger
 
 
+def _drop_partial_last_line(path: str) -> None:
+    """A run killed while writing can leave half a line: cut it so appended lines stay valid JSON."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 class JsonLinesWriter:
     """Appends one JSON object per line to a file, flushed after each line."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        _drop_partial_last_line(path)
         self._f = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

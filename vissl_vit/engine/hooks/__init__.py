@@ -7,6 +7,14 @@ from vissl_vit.engine.hooks.logging_hooks import LogHook, ProgressBarHook
 from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
 
 __all__ = [
-    "BadImageHook", "CheckpointHook", "HookBase", "LogHook", "NanLossHook", "ProgressBarHook", "TestHook",
-    "TrainMeterHook", "restore_trainer", "trainer_state",
+    "BadImageHook",
+    "CheckpointHook",
+    "HookBase",
+    "LogHook",
+    "NanLossHook",
+    "ProgressBarHook",
+    "TestHook",
+    "TrainMeterHook",
+    "restore_trainer",
+    "trainer_state",
 ]

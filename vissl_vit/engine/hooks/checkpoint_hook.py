@@ -72,7 +72,9 @@ class CheckpointHook(HookBase):
         is_primary: whether this rank writes.
     """
 
-    def __init__(self, folder: str, epoch_frequency: int, iter_frequency: int, keep_last: int, is_primary: bool) -> None:
+    def __init__(
+        self, folder: str, epoch_frequency: int, iter_frequency: int, keep_last: int, is_primary: bool
+    ) -> None:
         self.folder, self.epoch_frequency, self.iter_frequency = folder, epoch_frequency, iter_frequency
         self.keep_last, self.is_primary = keep_last, is_primary
 

@@ -28,13 +28,19 @@ class LogHook(HookBase):
         world_size: processes (images/s counts the global batch).
     """
 
-    def __init__(self, log_frequency: int, stdout_json: JsonLinesWriter | None, tb_writer: Any, world_size: int) -> None:
+    def __init__(
+        self, log_frequency: int, stdout_json: JsonLinesWriter | None, tb_writer: Any, world_size: int
+    ) -> None:
         self.log_frequency, self.stdout_json, self.tb = log_frequency, stdout_json, tb_writer
         self.world_size = world_size
 
     def before_train(self) -> None:
         self._t0, self._it0, self._images = time.perf_counter(), self.trainer.iteration, 0
         self._start_t, self._start_it = self._t0, self.trainer.iteration
+
+    def before_epoch(self) -> None:
+        # images/s measures training only: restart the window after the test phase
+        self._t0, self._images = time.perf_counter(), 0
 
     def after_step(self) -> None:
         t = self.trainer
@@ -58,7 +64,12 @@ class LogHook(HookBase):
             self.stdout_json.write(record)
             logger.info(
                 "iter %d/%d epoch %d loss %.4f lr %.4g %.1f img/s eta %ds",
-                t.iteration, t.max_iterations, record["epoch"], record["loss"], record["lr"], ips,
+                t.iteration,
+                t.max_iterations,
+                record["epoch"],
+                record["loss"],
+                record["lr"],
+                ips,
                 int(record["eta_seconds"]),
             )
         if self.tb is not None:
@@ -91,7 +102,9 @@ class ProgressBarHook(HookBase):
         if t.iteration % self.log_frequency == 0:
             now = time.perf_counter()
             self.bar.set_postfix(
-                epoch=t.epoch, loss=f"{t.last.loss.item():.4f}", lr=f"{t.last.lr:.3g}",
+                epoch=t.epoch,
+                loss=f"{t.last.loss.item():.4f}",
+                lr=f"{t.last.lr:.3g}",
                 img_s=f"{self._n / max(now - self._t, 1e-9):.0f}",
             )
             self._t, self._n = now, 0

@@ -29,7 +29,9 @@ class PhaseWriter:
         trainer.phase_idx += 1
         if self.metrics_json is not None:
             self.metrics_json.write(record)
-            logger.info("%s phase %d: %s", prefix, train_phase_idx, {k: v for k, v in record.items() if k.startswith(prefix)})
+            logger.info(
+                "%s phase %d: %s", prefix, train_phase_idx, {k: v for k, v in record.items() if k.startswith(prefix)}
+            )
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, dict):  # meter: {"top_1": {"0": 87.3}}

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def resample_pos_embed(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int
-) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
     """Interpolate (bicubic, antialiased as timm does) the patch part of a [1, prefix + H*W, D] position embedding to a new grid.
 
     The prefix tokens' (class token's) embeddings are kept as they are. The old grid is square.

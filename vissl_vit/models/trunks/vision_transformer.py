@@ -91,7 +91,17 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(dropout_rate)
         rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(
-            Block(hidden_dim, num_heads, mlp_dim, qkv_bias, qk_scale, dropout_rate, attention_dropout_rate, r, checkpoint_mlp)
+            Block(
+                hidden_dim,
+                num_heads,
+                mlp_dim,
+                qkv_bias,
+                qk_scale,
+                dropout_rate,
+                attention_dropout_rate,
+                r,
+                checkpoint_mlp,
+            )
             for r in rates
         )
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)

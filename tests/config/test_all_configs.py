@@ -1,0 +1,48 @@
+"""Every YAML under configs/ composes, and its model, loss, optimizer and schedule build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vissl_vit import build_loss, build_model, build_optimizer, compose_config, derive_run_values
+from vissl_vit.config import list_configs
+from vissl_vit.optim import build_lr_scheduler
+
+OVERLAY_DIRS = ("overlays", "models")
+# an overlay folder -> the config it is composed over in this test
+OVERLAY_BASES = {
+    "test/overlays": "test/quick_vit",
+    "pretrain/vision_transformer/supervised/models": "pretrain/vision_transformer/supervised/1gpu_vit_example",
+}
+MAIN = [c for c in list_configs() if not set(Path(c).parts) & set(OVERLAY_DIRS)]
+OVERLAYS = [c for c in list_configs() if set(Path(c).parts) & set(OVERLAY_DIRS)]
+
+
+def _build(overrides: list[str]) -> None:
+    cfg = compose_config(overrides).config
+    derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+    model = build_model(cfg)
+    build_loss(cfg)
+    build_optimizer(cfg, model)
+    sched = build_lr_scheduler(derived)
+    assert sched(0.5) >= 0.0
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    if vit.HIDDEN_DIM <= 128:  # a forward pass for the small models
+        x = torch.randn(2, vit.IN_CHANNELS, vit.IMAGE_SIZE, vit.IMAGE_SIZE)
+        out = model(x)
+        assert torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("name", MAIN)
+def test_config_composes_and_builds(name):
+    _build([f"config={name}", "config.MACHINE.DEVICE=cpu"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlay_composes_and_builds(name):
+    group, leaf = str(Path(name).parent), Path(name).name
+    assert group in OVERLAY_BASES, f"add a base config for the overlay folder {group} to OVERLAY_BASES"
+    _build([f"config={OVERLAY_BASES[group]}", f"+config/{group}={leaf}", "config.MACHINE.DEVICE=cpu"])

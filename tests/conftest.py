@@ -1,0 +1,34 @@
+"""Shared fixtures: small configs and run folders. Everything runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+torch.set_num_threads(1)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run tools/run_distributed_engines.py with arguments; returns the finished process."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "run_distributed_engines.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture
+def quick_overrides(tmp_path: Path) -> list[str]:
+    """The instant test config, writing its run folder under tmp_path."""
+    return ["config=test/quick_vit", f"config.CHECKPOINT.DIR={tmp_path / 'run'}"]

@@ -1,0 +1,81 @@
+"""kill -9 a run mid-way, rerun the same command: the losses equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import REPO, run_cli
+
+# a run long enough (60 steps) to be killed in the middle, with every source of randomness on:
+# dropout, drop-path, random augmentations in a worker process, shuffling
+ARGS = [
+    "config=test/quick_vit",
+    "config.DATA.NUM_DATALOADER_WORKERS=1",
+    "config.DATA.SYNTHETIC.NUM_IMAGES=160",
+    "config.DATA.SYNTHETIC.IMAGE_SIZE=32",
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
+    "config.OPTIMIZER.num_epochs=6",
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=3",
+    "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+    "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 32}, {name: RandomHorizontalFlip}, {name: ToTensor}]",
+]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    """iteration -> loss; after a resume the re-run iterations overwrite the killed run's."""
+    out = {}
+    with open(os.path.join(run_dir, "stdout.json")) as f:
+        for line in f:
+            if not line.endswith("\n"):  # being written right now
+                break
+            rec = json.loads(line)
+            out[rec["iteration"]] = rec["loss"]
+    return out
+
+
+def _final_weights(run_dir):
+    state = torch.load(os.path.join(run_dir, "checkpoint.torch"), map_location="cpu", weights_only=False)
+    return state["classy_state_dict"]["base_model"]["model"]["trunk"]
+
+
+def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = run_cli(*ARGS, f"config.CHECKPOINT.DIR={ref_dir}")
+    assert ref.returncode == 0, ref.stderr
+    expected = _losses(ref_dir)
+    assert sorted(expected) == list(range(1, 61))
+
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "run_distributed_engines.py"), *ARGS, f"config.CHECKPOINT.DIR={run_dir}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    killed_after = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        stdout_json = run_dir / "stdout.json"
+        if stdout_json.exists():
+            done = _losses(run_dir)
+            if done and max(done) >= 17:  # past several checkpoints, mid-epoch 2
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_after = max(done)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_after is not None and killed_after < 60, "the run ended before it could be killed"
+
+    rerun = run_cli(*ARGS, f"config.CHECKPOINT.DIR={run_dir}")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Resuming from" in rerun.stdout
+    assert _losses(run_dir) == expected  # bit-for-bit, every iteration
+    ref_w, run_w = _final_weights(ref_dir), _final_weights(run_dir)
+    assert all(torch.equal(ref_w[k], run_w[k]) for k in ref_w)
