@@ -175,3 +175,10 @@ def test_json_lines_writer_drops_a_partial_last_line(tmp_path):
     w.write({"iteration": 2})
     w.close()
     assert read_jsonl(path) == [{"iteration": 1}, {"iteration": 2}]
+
+
+def test_config_is_frozen_during_the_run(quick_overrides):
+    root = compose_config(quick_overrides)
+    run_train_engine(root)
+    with pytest.raises(Exception, match="read-only"):
+        root.config.OPTIMIZER.num_epochs = 3

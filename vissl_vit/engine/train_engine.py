@@ -99,6 +99,7 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         local_rank: its rank on this node (its GPU).
         world_size: processes in all.
     """
+    OmegaConf.set_readonly(cfg_root, True)  # frozen: no component may change the run's config
     cfg = cfg_root.config
     primary = rank == 0
     run_dir = os.path.abspath(cfg.CHECKPOINT.DIR)
