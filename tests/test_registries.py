@@ -16,11 +16,23 @@ TRUNK_KWARGS = {
 }
 HEAD_KWARGS = {
     "mlp": dict(dims=[16, 8, 4], use_bn=True, use_relu=True),
+    "swav_head": dict(dims=[16, 8, 4], num_clusters=[4, 3]),
     "vision_transformer_head": dict(in_plane=16, num_classes=4, hidden_dim=8),
     "eval_mlp": dict(in_channels=16, dims=[16, 4]),
 }
+def _swav_output(logits):
+    from vissl_vit.models.heads.swav_head import SwAVOutput
+
+    emb = torch.nn.functional.normalize(logits, dim=1)
+    protos = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    return [SwAVOutput(emb, [emb @ protos.T], [protos])]
+
+
+# name -> (kwargs, outputs made from a [4, 4] leaf tensor, target)
 LOSS_CASES = {
-    "cross_entropy_multiple_output_single_target": (dict(label_smoothing=0.1), torch.tensor([0, 1, 2, 3])),
+    "cross_entropy_multiple_output_single_target": (dict(label_smoothing=0.1), lambda x: [x], torch.tensor([0, 1, 2, 3])),
+    "moco_loss": (dict(embedding_dim=4, queue_size=8), lambda x: [x[:2], x[2:]], None),
+    "swav_loss": (dict(embedding_dim=4, num_prototypes=[5]), _swav_output, None),
 }
 
 
@@ -36,15 +48,18 @@ def test_trunk_forward_backward(name):
 def test_head_forward_backward(name):
     head = HEADS.get(name)(**HEAD_KWARGS[name])
     out = head(torch.randn(4, 16))
+    if name == "swav_head":
+        assert out.embeddings.shape == (4, 4) and [s.shape for s in out.scores] == [(4, 4), (4, 3)]
+        out = out.scores[0]
     assert out.shape == (4, 4)
     out.sum().backward()
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_loss_forward_backward(name):
-    kwargs, target = LOSS_CASES[name]
+    kwargs, make_outputs, target = LOSS_CASES[name]
     logits = torch.randn(4, 4, requires_grad=True)
-    loss = LOSSES.get(name)(**kwargs)([logits], target)
+    loss = LOSSES.get(name)(**kwargs)(make_outputs(logits), target)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert logits.grad is not None
@@ -52,8 +67,17 @@ def test_loss_forward_backward(name):
 
 @pytest.mark.parametrize("name", COLLATORS.names())
 def test_collator_stacks_samples(name):
-    samples = [
-        {"data": torch.full((3, 4, 4), float(i)), "label": i, "index": i, "bad": 0, "bad_path": ""} for i in range(3)
-    ]
-    batch = COLLATORS.get(name)(samples)
-    assert batch["data"].shape == (3, 3, 4, 4) and batch["label"].tolist() == [0, 1, 2]
+    def image(i, size=4):
+        return torch.full((3, size, size), float(i))
+
+    def sample(i, data):
+        return {"data": data, "label": i, "index": i, "bad": 0, "bad_path": ""}
+
+    if name == "default_collate":
+        batch = COLLATORS.get(name)([sample(i, image(i)) for i in range(3)])
+        assert batch["data"].shape == (3, 3, 4, 4) and batch["label"].tolist() == [0, 1, 2]
+        return
+    for n in (1, 3):  # per-replica batch 1 included (VISSL's moco_collator failed there)
+        batch = COLLATORS.get(name)([sample(i, [image(i), image(-i, 2)]) for i in range(n)])
+        assert [d.shape for d in batch["data"]] == [(n, 3, 4, 4), (n, 3, 2, 2)]
+        assert batch["data"][1][n - 1, 0, 0, 0] == -(n - 1) and batch["label"].tolist() == list(range(n))

@@ -123,6 +123,8 @@ def check_cross_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"{prefix}.HIDDEN_DIM={vit.HIDDEN_DIM} must be a multiple of NUM_HEADS={vit.NUM_HEADS}.")
     if vit.CLASSIFIER not in ("token", "gap"):
         raise ConfigError(f"{prefix}.CLASSIFIER='{vit.CLASSIFIER}': expected 'token' or 'gap'.")
+    if vit.POS_EMBED not in ("learned", "sincos"):
+        raise ConfigError(f"{prefix}.POS_EMBED='{vit.POS_EMBED}': expected 'learned' or 'sincos'.")
     if vit.CLASSIFIER == "token" and not vit.USE_CLASS_TOKEN:
         raise ConfigError(f"{prefix}.CLASSIFIER='token' needs USE_CLASS_TOKEN=True; use CLASSIFIER='gap' without it.")
     norm = cfg.MODEL.GRAD_CLIP.NORM_TYPE
@@ -180,6 +182,7 @@ def check_cross_keys(cfg: DictConfig) -> None:
                 f"config.OPTIMIZER.param_schedulers.lr.lengths={list(sched.lengths)} add up to "
                 f"{sum(sched.lengths):g}; they must add up to 1."
             )
+    _check_ssl_losses(cfg)
     if cfg.DISTRIBUTED.NUM_NODES < 1 or cfg.DISTRIBUTED.NUM_PROC_PER_NODE < 1:
         raise ConfigError("config.DISTRIBUTED.NUM_NODES and NUM_PROC_PER_NODE must be at least 1.")
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
@@ -202,3 +205,55 @@ def _check_head_width(head: Any, width: int, trunk: str) -> None:
             f"config.MODEL.HEAD.PARAMS: the first head '{name}' takes inputs of width {in_dim}, but the "
             f"{trunk} trunk outputs HIDDEN_DIM={width}; they must match."
         )
+
+
+def _last_head_width(cfg: DictConfig) -> int | None:
+    heads = cfg.MODEL.HEAD.PARAMS
+    if not heads or "dims" not in heads[-1][1]:
+        return None
+    return heads[-1][1]["dims"][-1]
+
+
+def _check_ssl_losses(cfg: DictConfig) -> None:
+    name = cfg.LOSS.name
+    world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
+    global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world
+    if name == "moco_loss":
+        m = cfg.LOSS.moco_loss
+        if m.version not in ("v2", "v3"):
+            raise ConfigError(f"config.LOSS.moco_loss.version='{m.version}': expected v2 or v3.")
+        if m.momentum_schedule not in ("constant", "cosine"):
+            raise ConfigError(
+                f"config.LOSS.moco_loss.momentum_schedule='{m.momentum_schedule}': expected constant or cosine."
+            )
+        if m.version == "v2" and m.queue_size % global_batch:
+            raise ConfigError(
+                f"config.LOSS.moco_loss.queue_size={m.queue_size} must be a multiple of the global batch "
+                f"{global_batch} (BATCHSIZE_PER_REPLICA x {world} processes)."
+            )
+        width = _last_head_width(cfg)
+        if width is not None and width != m.embedding_dim:
+            raise ConfigError(
+                f"config.LOSS.moco_loss.embedding_dim={m.embedding_dim} but the last head of "
+                f"config.MODEL.HEAD.PARAMS outputs {width}; they must match."
+            )
+    if name == "swav_loss":
+        s = cfg.LOSS.swav_loss
+        head = cfg.MODEL.HEAD.PARAMS[-1] if cfg.MODEL.HEAD.PARAMS else None
+        if head is None or head[0] != "swav_head":
+            raise ConfigError("config.LOSS.name=swav_loss needs swav_head as the last head of config.MODEL.HEAD.PARAMS.")
+        if list(head[1].get("num_clusters", [])) != list(s.num_prototypes):
+            raise ConfigError(
+                f"config.LOSS.swav_loss.num_prototypes={list(s.num_prototypes)} but swav_head's num_clusters is "
+                f"{list(head[1].get('num_clusters', []))}; they must match."
+            )
+        if _last_head_width(cfg) != s.embedding_dim:
+            raise ConfigError(
+                f"config.LOSS.swav_loss.embedding_dim={s.embedding_dim} but swav_head's dims end with "
+                f"{_last_head_width(cfg)}; they must match."
+            )
+        if any(c >= s.num_crops for c in s.crops_for_assign):
+            raise ConfigError(
+                f"config.LOSS.swav_loss.crops_for_assign={list(s.crops_for_assign)} names crops beyond "
+                f"num_crops={s.num_crops}."
+            )

@@ -113,18 +113,18 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's state in VISSL's layout: {"trunk": ..., "heads": ...}."""
-    sd = model.state_dict()
-    return {
-        "trunk": {k[len("trunk.") :]: v for k, v in sd.items() if k.startswith("trunk.")},
-        "heads": {k[len("heads.") :]: v for k, v in sd.items() if k.startswith("heads.")},
-    }
+    """The model's state in VISSL's layout: {"trunk": ..., "heads": ...}, plus any other top-level
+    submodule's (e.g. MoCo's "momentum_encoder")."""
+    groups: dict[str, dict[str, Any]] = {"trunk": {}, "heads": {}}
+    for key, value in model.state_dict().items():
+        top, rest = key.split(".", 1)
+        groups.setdefault(top, {})[rest] = value
+    return groups
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Inverse of :func:`model_state`; strict (a mismatch is an error listing the keys)."""
-    sd = {f"trunk.{k}": v for k, v in state["trunk"].items()}
-    sd.update({f"heads.{k}": v for k, v in state["heads"].items()})
+    sd = {f"{top}.{k}": v for top, group in state.items() for k, v in group.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(

@@ -17,6 +17,9 @@ from vissl_vit.engine.checkpoint import find_latest, load_checkpoint
 from vissl_vit.engine.hooks import (
     BadImageHook,
     CheckpointHook,
+    FreezeParamsHook,
+    MomentumEncoderHook,
+    NormalizePrototypesHook,
     LogHook,
     NanLossHook,
     ProgressBarHook,
@@ -156,6 +159,13 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         hooks.append(NanLossHook())
     if train_ds is not None:
         hooks.append(BadImageHook(len(train_ds), cfg.DATA.MAX_BAD_IMAGE_FRACTION, all_reduce_sum))
+    if cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP:
+        hooks.append(FreezeParamsHook(OmegaConf.to_container(cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP)))
+    # algorithm upkeep right after the step, before anything reads or saves the model
+    if cfg.LOSS.name == "moco_loss":
+        hooks.append(MomentumEncoderHook())
+    if cfg.LOSS.name == "swav_loss" and cfg.LOSS.swav_loss.normalize_last_layer:
+        hooks.append(NormalizePrototypesHook())
     hooks.append(TrainMeterHook(build_meter(cfg), writer, all_reduce_sum))
     hooks.append(LogHook(cfg.LOG_FREQUENCY, stdout_json, tb, world_size))
     if primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.optim.schedulers import progress
+from vissl_vit.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class StepResult:
     """What the last step produced, for the hooks to read."""
 
     loss: torch.Tensor
-    outputs: list[torch.Tensor]
+    outputs: list[Any]  # the model's outputs (not detached: read them under no_grad)
     target: torch.Tensor
     batch: dict[str, Any]
     lr: float
@@ -116,16 +117,15 @@ class Trainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        data = batch["data"].to(self.device, non_blocking=True)
+        data = to_device(batch["data"], self.device)
         target = batch["label"].to(self.device, non_blocking=True)
         outputs = self.model(data)
         loss = self.loss_fn(outputs, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._call("after_backward")
         if self.grad_clip is not None:
             max_norm, norm_type = self.grad_clip
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, norm_type)
         self.optimizer.step()
-        self.last = StepResult(
-            loss.detach(), [o.detach() for o in outputs], target, batch, lr, batch_size=data.shape[0]
-        )
+        self.last = StepResult(loss.detach(), outputs, target, batch, lr, batch_size=len(target))

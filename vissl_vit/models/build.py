@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.models.model import TrunkHeadModel
+from vissl_vit.models.moco import MoCoModel
 from vissl_vit.registry import HEADS, TRUNKS
 from vissl_vit.utils.kwargs import call_with_kwargs
 
@@ -27,6 +28,8 @@ def vit_kwargs(vit: DictConfig) -> dict[str, Any]:
         "use_class_token": vit.USE_CLASS_TOKEN,
         "drop_path_rate": vit.DROP_PATH_RATE,
         "qkv_bias": vit.QKV_BIAS,
+        "pos_embed_type": vit.POS_EMBED,
+        "freeze_patch_embed": vit.FREEZE_PATCH_EMBED,
         # VISSL writes False for "the default scale"
         "qk_scale": None if isinstance(vit.QK_SCALE, bool) else float(vit.QK_SCALE),
         "checkpoint_mlp": vit.CHECKPOINT_MLP,
@@ -36,6 +39,9 @@ def vit_kwargs(vit: DictConfig) -> dict[str, Any]:
 
 def build_model(cfg: DictConfig) -> TrunkHeadModel:
     """Build trunk and heads from the ``config`` node of a composed config.
+
+    MoCo (``LOSS.name: moco_loss``) is the one method whose model is more than trunk + heads: its
+    model adds a momentum encoder, configured by ``LOSS.moco_loss`` as in VISSL's configs.
 
     Args:
         cfg: the ``config`` node (``compose_config(...).config``).
@@ -47,4 +53,8 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     for i, entry in enumerate(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS, resolve=True)):
         head_name, kwargs = entry[0], entry[1] if len(entry) > 1 else {}
         heads.append(call_with_kwargs(HEADS.get(head_name), kwargs, f"config.MODEL.HEAD.PARAMS[{i}] '{head_name}'"))
-    return TrunkHeadModel(trunk, heads)
+    model = TrunkHeadModel(trunk, heads)
+    if cfg.LOSS.name == "moco_loss":
+        m = cfg.LOSS.moco_loss
+        model = MoCoModel(model, m.version, m.momentum, m.momentum_schedule, m.shuffle_bn)
+    return model

@@ -6,10 +6,28 @@ import torch
 from torch import nn
 
 
+def forward_views(trunk: nn.Module, views: list[torch.Tensor], out_feat_keys: list[str] | None) -> torch.Tensor:
+    """Trunk features of several views, one trunk pass per run of views of the same resolution.
+
+    Multi-crop (SwAV, DINO): views [B, C, H_v, W_v] in order -> features [V*B, D] in the same order.
+    """
+    sizes = [v.shape[-2:] for v in views]
+    feats, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and sizes[end] == sizes[start]:
+            end += 1
+        feats.append(trunk(torch.cat(views[start:end]), out_feat_keys)[0])
+        start = end
+    return torch.cat(feats)
+
+
 class TrunkHeadModel(nn.Module):
     """Run the trunk, then the heads one after the other on its (single) feature.
 
-    State-dict keys are ``trunk.*`` and ``heads.N.*``, as in VISSL's checkpoints.
+    The input is a batch [B, C, H, W], or a list of views (multi-crop), whose features are
+    concatenated in order before the heads. State-dict keys are ``trunk.*`` and ``heads.N.*``,
+    as in VISSL's checkpoints.
 
     Args:
         trunk: a trunk whose forward(x, out_feat_keys) returns a list of tensors.
@@ -23,9 +41,12 @@ class TrunkHeadModel(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.out_feat_keys = out_feat_keys
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images [B, C, H, W] -> a list of outputs (one per head chain; the features if no heads)."""
-        feats = self.trunk(x, self.out_feat_keys)
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> list:
+        """Images (or a list of views) -> a list of outputs (one head chain; the features if no heads)."""
+        if isinstance(x, (list, tuple)):
+            feats = [forward_views(self.trunk, list(x), self.out_feat_keys)]
+        else:
+            feats = self.trunk(x, self.out_feat_keys)
         if not len(self.heads):
             return feats
         out = feats[0]

@@ -29,3 +29,45 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0 (no gradient), in rank order."""
+    if not is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle-BN: gather the global batch, permute it (rank 0 draws the permutation),
+    return this rank's slice and the inverse permutation."""
+    local = x.shape[0]
+    gathered = all_gather_cat(x)
+    perm = torch.randperm(gathered.shape[0], device=x.device) if get_rank() == 0 else torch.empty(
+        gathered.shape[0], dtype=torch.long, device=x.device
+    )
+    dist.broadcast(perm, src=0)
+    inverse = torch.argsort(perm)
+    rank = get_rank()
+    return gathered[perm[rank * local : (rank + 1) * local]], inverse
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle` on the outputs: this rank's samples back in its own order."""
+    local = x.shape[0]
+    gathered = all_gather_cat(x)
+    rank = get_rank()
+    return gathered[inverse[rank * local : (rank + 1) * local]]
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (unchanged on one process)."""
+    if is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t

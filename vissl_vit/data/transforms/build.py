@@ -1,7 +1,9 @@
 """build_transforms: a DATA.*.TRANSFORMS list -> one callable.
 
 Each entry is ``{name: ..., **kwargs}``: a transform of vissl_vit's TRANSFORMS registry, else
-a torchvision.transforms class of that name, called with the entry's other keys.
+a torchvision.transforms class of that name, called with the entry's other keys. Once a transform
+has made a list of views (ImgReplicatePil, ImgPilToMultiCrop), the following ones apply to each
+view, or only to the views listed in the entry's ``indices`` (VISSL's convention).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def build_transform(entry: dict[str, Any], where: str) -> Any:
     """One transform from ``{name: ..., **kwargs}``."""
     if not isinstance(entry, dict) or "name" not in entry:
         raise ConfigError(f"{where}: each transform is a mapping with a 'name' key, got {entry!r}.")
-    kwargs = {k: v for k, v in entry.items() if k != "name"}
+    kwargs = {k: v for k, v in entry.items() if k not in ("name", "indices")}
     name = entry["name"]
     if name in TRANSFORMS.names():
         return call_with_kwargs(TRANSFORMS.get(name), kwargs, f"{where} '{name}'")
@@ -37,8 +39,30 @@ def build_transform(entry: dict[str, Any], where: str) -> Any:
     )
 
 
-def build_transforms(entries: list[dict[str, Any]], where: str) -> T.Compose | None:
+class ListAwareCompose:
+    """Apply transforms in order; on a list of views, apply each to every view (or to ``indices``)."""
+
+    def __init__(self, steps: list[tuple[Any, list[int] | None]]) -> None:
+        self.steps = steps
+
+    def __call__(self, x: Any) -> Any:
+        for transform, indices in self.steps:
+            if isinstance(x, list) and not getattr(transform, "takes_list", False):
+                x = [transform(v) if indices is None or i in indices else v for i, v in enumerate(x)]
+            else:
+                x = transform(x)
+        return x
+
+    def __repr__(self) -> str:
+        return "ListAwareCompose(" + ", ".join(repr(t) for t, _ in self.steps) + ")"
+
+
+def build_transforms(entries: list[dict[str, Any]], where: str) -> ListAwareCompose | None:
     """All transforms of a list, composed in order; None for an empty list."""
     if not entries:
         return None
-    return T.Compose([build_transform(e, f"{where}[{i}]") for i, e in enumerate(entries)])
+    steps = []
+    for i, e in enumerate(entries):
+        indices = e.get("indices") if isinstance(e, dict) else None
+        steps.append((build_transform(e, f"{where}[{i}]"), list(indices) if indices is not None else None))
+    return ListAwareCompose(steps)

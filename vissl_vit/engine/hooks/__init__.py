@@ -1,5 +1,6 @@
 """Trainer hooks, registered by name in HOOKS."""
 
+from vissl_vit.engine.hooks.algorithms import FreezeParamsHook, MomentumEncoderHook, NormalizePrototypesHook
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.checkpoint_hook import CheckpointHook, restore_trainer, trainer_state
 from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
@@ -8,6 +9,9 @@ from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
 
 __all__ = [
     "BadImageHook",
+    "FreezeParamsHook",
+    "MomentumEncoderHook",
+    "NormalizePrototypesHook",
     "CheckpointHook",
     "HookBase",
     "LogHook",

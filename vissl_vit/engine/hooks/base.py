@@ -27,6 +27,9 @@ class HookBase:
 
     def before_step(self) -> None: ...
 
+    def after_backward(self) -> None:
+        """Between backward and the optimizer step: gradients can be read or changed here."""
+
     def after_step(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.utils.tensors import to_device
 from vissl_vit.registry import HOOKS
 from vissl_vit.utils.logging import JsonLinesWriter
 
@@ -115,11 +116,11 @@ class TestHook(HookBase):
         if self.meter is not None:
             self.meter.reset()
         for batch in self.loader:
-            data = batch["data"].to(t.device, non_blocking=True)
+            data = to_device(batch["data"], t.device)
             target = batch["label"].to(t.device, non_blocking=True)
             outputs = model(data)
-            loss_sum += t.loss_fn(outputs, target).item() * data.shape[0]
-            n += data.shape[0]
+            loss_sum += t.loss_fn(outputs, target).item() * len(target)
+            n += len(target)
             if self.meter is not None:
                 self.meter.update(outputs, target)
         totals = self.all_reduce(torch.tensor([loss_sum, float(n)], dtype=torch.float64))

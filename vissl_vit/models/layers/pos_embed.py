@@ -22,3 +22,18 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", antialias=True).to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def sincos_2d_pos_embed(grid: int, dim: int, num_prefix_tokens: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings [1, prefix + grid*grid, dim] (MoCo v3, MAE).
+
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y); the prefix tokens get zeros.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float32)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ox, oy = gx.flatten()[:, None] * omega, gy.flatten()[:, None] * omega  # [grid*grid, dim/4]
+    emb = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), emb])[None]

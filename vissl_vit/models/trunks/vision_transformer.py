@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vissl_vit.models.layers import Block, PatchEmbed, resample_pos_embed
+from vissl_vit.models.layers import Block, PatchEmbed, resample_pos_embed, sincos_2d_pos_embed
 from vissl_vit.registry import TRUNKS
 
 # Feature names of forward(x, out_feat_keys). {n}: the last n blocks; {i}: block i (from 0).
@@ -52,6 +52,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block (linear from 0 at the first).
         qkv_bias: bias in the qkv projections.
         qk_scale: attention scale, None for head_dim ** -0.5.
+        pos_embed_type: "learned", or "sincos" (fixed 2-D sine-cosine, MoCo v3).
+        freeze_patch_embed: keep the patch projection at its random init (MoCo v3's stability trick).
         checkpoint_mlp: recompute block MLPs in the backward pass.
         checkpoint_block: recompute whole blocks in the backward pass.
     """
@@ -72,6 +74,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         qkv_bias: bool = False,
         qk_scale: float | None = None,
+        pos_embed_type: Literal["learned", "sincos"] = "learned",
+        freeze_patch_embed: bool = False,
         checkpoint_mlp: bool = False,
         checkpoint_block: bool = False,
     ) -> None:
@@ -80,6 +84,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}")
         if classifier == "token" and not use_class_token:
             raise ValueError("classifier='token' needs use_class_token=True")
+        if pos_embed_type not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed_type must be 'learned' or 'sincos', got {pos_embed_type!r}")
         self.classifier = classifier
         self.embed_dim = hidden_dim
         self.num_prefix_tokens = 1 if use_class_token else 0
@@ -106,6 +112,19 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
         self._init_weights()
+        if pos_embed_type == "sincos":
+            grid = image_size // patch_size
+            self.pos_embed.data.copy_(sincos_2d_pos_embed(grid, hidden_dim, self.num_prefix_tokens))
+            self.pos_embed.requires_grad = False
+        if freeze_patch_embed:
+            # MoCo v3: a fixed random patch projection (Xavier-uniform over the patch) avoids the
+            # training instability that shows as loss spikes with ViTs
+            proj = self.patch_embed.proj
+            bound = (6.0 / (in_chans * patch_size * patch_size + hidden_dim)) ** 0.5
+            nn.init.uniform_(proj.weight, -bound, bound)
+            nn.init.zeros_(proj.bias)
+            proj.weight.requires_grad = False
+            proj.bias.requires_grad = False
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -1,0 +1,132 @@
+"""SwAV's swapped-prediction loss with Sinkhorn-Knopp codes, distributed over ranks.
+
+Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+NeurIPS 2020 (arXiv:2006.09882). For each crop used for assignment, codes q come from the
+Sinkhorn-Knopp algorithm on its prototype scores (with the queue's, when on); every other crop
+predicts them: loss = -sum q log softmax(scores / tau), averaged over crops and prototype sets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vissl_vit.models.heads.swav_head import SwAVOutput
+from vissl_vit.registry import LOSSES
+from vissl_vit.utils.distributed import all_reduce_max, all_reduce_sum, get_world_size
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float, num_iters: int, double: bool = False) -> torch.Tensor:
+    """Equipartitioned soft assignments of this rank's samples, computed over the global batch.
+
+    Args:
+        scores: [B_local, K] prototype scores of this rank's samples.
+        epsilon: entropy regularisation (0.05 in SwAV).
+        num_iters: Sinkhorn iterations (3 in SwAV).
+        double: compute in float64.
+
+    Returns:
+        codes [B_local, K]: each row sums to 1; over the global batch each prototype gets B/K.
+        The row and column sums are all-reduced, so the result on any split of the global batch
+        over ranks equals the one-process result.
+    """
+    scores = scores.double() if double else scores.float()
+    scores = scores - all_reduce_max(scores.max().reshape(1))  # exp without overflow; cancels out
+    Q = torch.exp(scores / epsilon).T  # [K, B]
+    K = Q.shape[0]
+    B = all_reduce_sum(torch.tensor([float(Q.shape[1])], dtype=Q.dtype, device=Q.device))
+    Q /= all_reduce_sum(Q.sum().reshape(1))
+    for _ in range(num_iters):
+        Q /= all_reduce_sum(Q.sum(dim=1, keepdim=True))  # rows (prototypes): each sums to 1/K
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)  # columns (samples): each sums to 1/B
+        Q /= B
+    return (Q * B).T
+
+
+@LOSSES.register("swav_loss")
+class SwAVLoss(nn.Module):
+    """Args (VISSL's keys):
+    embedding_dim: width of the head's embeddings.
+    num_prototypes: prototypes of each set, as the head's num_clusters.
+    temperature: tau of the softmax over prototype scores (0.1).
+    epsilon: Sinkhorn's entropy regularisation (0.05; 0.03 with larger prototype counts).
+    num_iters: Sinkhorn iterations (3).
+    crops_for_assign: the crops whose codes are predicted, e.g. [0, 1].
+    num_crops: crops per image (2 + the small multi-crop ones).
+    use_double_precision: Sinkhorn in float64.
+    normalize_last_layer: L2-normalise the prototypes after each optimizer step.
+    queue: {queue_length: global number of past embeddings used in Sinkhorn (0: none),
+        start_iter: the iteration from which the queue is used}.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 128,
+        num_prototypes: list[int] = (3000,),
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        num_iters: int = 3,
+        crops_for_assign: list[int] = (0, 1),
+        num_crops: int = 2,
+        use_double_precision: bool = False,
+        normalize_last_layer: bool = True,
+        queue: dict | None = None,
+    ) -> None:
+        super().__init__()
+        queue = dict(queue or {})
+        self.embedding_dim, self.num_prototypes = embedding_dim, list(num_prototypes)
+        self.temperature, self.epsilon, self.num_iters = temperature, epsilon, num_iters
+        self.crops_for_assign, self.num_crops = list(crops_for_assign), num_crops
+        self.use_double_precision, self.normalize_last_layer = use_double_precision, normalize_last_layer
+        self.queue_length = queue.get("queue_length", 0)
+        self.queue_start_iter = queue.get("start_iter", 0)
+        if any(c >= num_crops for c in self.crops_for_assign):
+            raise ValueError(f"crops_for_assign={self.crops_for_assign} names crops beyond num_crops={num_crops}")
+        local = self.queue_length // max(get_world_size(), 1)
+        # queue of past embeddings per assigned crop: [len(crops_for_assign), local, D], filled from the end
+        self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), local, embedding_dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, output: list[SwAVOutput], target: torch.Tensor | None = None) -> torch.Tensor:
+        """output: [SwAVOutput] over num_crops x B samples (crop-major); target is unused."""
+        out: SwAVOutput = output[0]
+        n = out.embeddings.shape[0]
+        if n % self.num_crops:
+            raise ValueError(f"swav_loss: {n} embeddings is not num_crops={self.num_crops} crops of one batch")
+        B = n // self.num_crops
+        training = torch.is_grad_enabled()
+        use_queue = self.queue.shape[1] > 0 and int(self.num_steps) >= self.queue_start_iter
+        total = 0.0
+        for scores, prototypes in zip(out.scores, out.prototypes):
+            for a, crop in enumerate(self.crops_for_assign):
+                with torch.no_grad():
+                    s = scores[B * crop : B * (crop + 1)].detach()
+                    if use_queue and int(self.queue_filled) > 0:
+                        past = self.queue[a, -int(self.queue_filled) :] @ prototypes.T
+                        s = torch.cat([s, past.to(s.dtype)])
+                    q = sinkhorn_knopp(s, self.epsilon, self.num_iters, self.use_double_precision)[:B]
+                sub = 0.0
+                for v in range(self.num_crops):
+                    if v == crop:
+                        continue
+                    logp = F.log_softmax(scores[B * v : B * (v + 1)].float() / self.temperature, dim=1)
+                    sub = sub - (q * logp).sum(dim=1).mean()
+                total = total + sub / (self.num_crops - 1)
+        loss = total / (len(self.crops_for_assign) * len(out.scores))
+        if training:
+            self._update_queue(out.embeddings.detach(), B)
+            self.num_steps += 1
+        return loss
+
+    @torch.no_grad()
+    def _update_queue(self, embeddings: torch.Tensor, B: int) -> None:
+        local = self.queue.shape[1]
+        if local == 0:
+            return
+        for a, crop in enumerate(self.crops_for_assign):  # shift out the oldest, append the newest
+            self.queue[a] = torch.cat([self.queue[a, B:], embeddings[B * crop : B * (crop + 1)]])[-local:]
+        self.queue_filled.fill_(min(local, int(self.queue_filled) + B))
