@@ -20,6 +20,8 @@ HEAD_KWARGS = {
     "vision_transformer_head": dict(in_plane=16, num_classes=4, hidden_dim=8),
     "eval_mlp": dict(in_channels=16, dims=[16, 4]),
 }
+
+
 def _swav_output(logits):
     from vissl_vit.models.heads.swav_head import SwAVOutput
 
@@ -30,7 +32,11 @@ def _swav_output(logits):
 
 # name -> (kwargs, outputs made from a [4, 4] leaf tensor, target)
 LOSS_CASES = {
-    "cross_entropy_multiple_output_single_target": (dict(label_smoothing=0.1), lambda x: [x], torch.tensor([0, 1, 2, 3])),
+    "cross_entropy_multiple_output_single_target": (
+        dict(label_smoothing=0.1),
+        lambda x: [x],
+        torch.tensor([0, 1, 2, 3]),
+    ),
     "moco_loss": (dict(embedding_dim=4, queue_size=8), lambda x: [x[:2], x[2:]], None),
     "swav_loss": (dict(embedding_dim=4, num_prototypes=[5]), _swav_output, None),
 }

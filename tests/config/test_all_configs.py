@@ -16,24 +16,32 @@ OVERLAY_DIRS = ("overlays", "models")
 OVERLAY_BASES = {
     "test/overlays": "test/quick_vit",
     "pretrain/vision_transformer/supervised/models": "pretrain/vision_transformer/supervised/1gpu_vit_example",
+    "pretrain/vision_transformer/moco/models": "pretrain/vision_transformer/moco/vit_s16_mocov3",
+    "pretrain/vision_transformer/swav/models": "pretrain/vision_transformer/swav/deit_s16",
 }
+# overlays that only make sense over a particular config of their folder
+OVERLAY_BASE_OVERRIDES = {"test/overlays/moco_v2": "test/quick_moco"}
 MAIN = [c for c in list_configs() if not set(Path(c).parts) & set(OVERLAY_DIRS)]
 OVERLAYS = [c for c in list_configs() if set(Path(c).parts) & set(OVERLAY_DIRS)]
 
 
 def _build(overrides: list[str]) -> None:
     cfg = compose_config(overrides).config
-    derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+    world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
+    derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)
     model = build_model(cfg)
     build_loss(cfg)
     build_optimizer(cfg, model)
     sched = build_lr_scheduler(derived)
     assert sched(0.5) >= 0.0
     vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    if vit.HIDDEN_DIM <= 128:  # a forward pass for the small models
+    if vit.HIDDEN_DIM <= 128:  # a forward and a loss on the small models
         x = torch.randn(2, vit.IN_CHANNELS, vit.IMAGE_SIZE, vit.IMAGE_SIZE)
-        out = model(x)
-        assert torch.isfinite(out[0]).all()
+        views = {"moco_collator": 2, "multicrop_collator": cfg.LOSS.swav_loss.num_crops}
+        n = views.get(cfg.DATA.TRAIN.COLLATE_FUNCTION)
+        out = model([x] * n if n else x)
+        loss = build_loss(cfg)(out, torch.zeros(2, dtype=torch.long))
+        assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("name", MAIN)
@@ -45,4 +53,5 @@ def test_config_composes_and_builds(name):
 def test_overlay_composes_and_builds(name):
     group, leaf = str(Path(name).parent), Path(name).name
     assert group in OVERLAY_BASES, f"add a base config for the overlay folder {group} to OVERLAY_BASES"
-    _build([f"config={OVERLAY_BASES[group]}", f"+config/{group}={leaf}", "config.MACHINE.DEVICE=cpu"])
+    base = OVERLAY_BASE_OVERRIDES.get(name, OVERLAY_BASES[group])
+    _build([f"config={base}", f"+config/{group}={leaf}", "config.MACHINE.DEVICE=cpu"])

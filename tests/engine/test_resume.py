@@ -9,23 +9,36 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
 
-# a run long enough (60 steps) to be killed in the middle, with every source of randomness on:
-# dropout, drop-path, random augmentations in a worker process, shuffling
-ARGS = [
-    "config=test/quick_vit",
+# runs long enough (60 steps) to be killed in the middle, with every source of randomness on:
+# dropout, drop-path, random augmentations in a worker process, shuffling; and the algorithms'
+# state: MoCo's momentum encoder and queue, SwAV's queue and temporarily frozen prototypes
+LONGER = [
     "config.DATA.NUM_DATALOADER_WORKERS=1",
     "config.DATA.SYNTHETIC.NUM_IMAGES=160",
-    "config.DATA.SYNTHETIC.IMAGE_SIZE=32",
-    "config.MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
     "config.OPTIMIZER.num_epochs=6",
     "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=3",
     "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
-    "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 32}, {name: RandomHorizontalFlip}, {name: ToTensor}]",
 ]
+RUNS = {
+    "supervised": [
+        "config=test/quick_vit",
+        "config.DATA.SYNTHETIC.IMAGE_SIZE=32",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
+        "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 32}, {name: RandomHorizontalFlip}, {name: ToTensor}]",
+    ],
+    "moco_v3": ["config=test/quick_moco"],
+    "moco_v2": ["config=test/quick_moco", "+config/test/overlays=moco_v2", "config.LOSS.moco_loss.queue_size=48"],
+    "swav": [
+        "config=test/quick_swav",
+        "config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[[heads.0.prototypes0.weight,20]]",
+        "config.LOSS.swav_loss.queue.start_iter=10",
+    ],
+}
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -40,12 +53,18 @@ def _losses(run_dir) -> dict[int, float]:
     return out
 
 
-def _final_weights(run_dir):
+def _final_state(run_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of the final model (trunk, heads, momentum encoder) and loss (queues)."""
     state = torch.load(os.path.join(run_dir, "checkpoint.torch"), map_location="cpu", weights_only=False)
-    return state["classy_state_dict"]["base_model"]["model"]["trunk"]
+    csd = state["classy_state_dict"]
+    flat = {f"model.{g}.{k}": v for g, group in csd["base_model"]["model"].items() for k, v in group.items()}
+    flat.update({f"loss.{k}": v for k, v in csd["loss"].items()})
+    return flat
 
 
-def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("name", list(RUNS))
+def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
+    ARGS = RUNS[name] + LONGER
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = run_cli(*ARGS, f"config.CHECKPOINT.DIR={ref_dir}")
     assert ref.returncode == 0, ref.stderr
@@ -77,5 +96,6 @@ def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "Resuming from" in rerun.stdout
     assert _losses(run_dir) == expected  # bit-for-bit, every iteration
-    ref_w, run_w = _final_weights(ref_dir), _final_weights(run_dir)
-    assert all(torch.equal(ref_w[k], run_w[k]) for k in ref_w)
+    ref_state, run_state = _final_state(ref_dir), _final_state(run_dir)
+    assert ref_state.keys() == run_state.keys()
+    assert [k for k in ref_state if not torch.equal(ref_state[k], run_state[k])] == []

@@ -241,7 +241,9 @@ def _check_ssl_losses(cfg: DictConfig) -> None:
         s = cfg.LOSS.swav_loss
         head = cfg.MODEL.HEAD.PARAMS[-1] if cfg.MODEL.HEAD.PARAMS else None
         if head is None or head[0] != "swav_head":
-            raise ConfigError("config.LOSS.name=swav_loss needs swav_head as the last head of config.MODEL.HEAD.PARAMS.")
+            raise ConfigError(
+                "config.LOSS.name=swav_loss needs swav_head as the last head of config.MODEL.HEAD.PARAMS."
+            )
         if list(head[1].get("num_clusters", [])) != list(s.num_prototypes):
             raise ConfigError(
                 f"config.LOSS.swav_loss.num_prototypes={list(s.num_prototypes)} but swav_head's num_clusters is "

@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vissl_vit.models.model import TrunkHeadModel
 from vissl_vit.models.moco import MoCoModel
+from vissl_vit.models.model import TrunkHeadModel
 from vissl_vit.registry import HEADS, TRUNKS
 from vissl_vit.utils.kwargs import call_with_kwargs
 

@@ -47,8 +47,10 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return this rank's slice and the inverse permutation."""
     local = x.shape[0]
     gathered = all_gather_cat(x)
-    perm = torch.randperm(gathered.shape[0], device=x.device) if get_rank() == 0 else torch.empty(
-        gathered.shape[0], dtype=torch.long, device=x.device
+    perm = (
+        torch.randperm(gathered.shape[0], device=x.device)
+        if get_rank() == 0
+        else torch.empty(gathered.shape[0], dtype=torch.long, device=x.device)
     )
     dist.broadcast(perm, src=0)
     inverse = torch.argsort(perm)

@@ -68,11 +68,27 @@ class ImgPilColorDistortion:
         strength: scales the jitter: brightness, contrast, saturation 0.8 x strength, hue 0.2 x strength.
         color_jitter_probability: probability of the jitter.
         grayscale_probability: probability of turning the image grey.
+        brightness, contrast, saturation, hue: set one jitter amount directly instead of from
+            strength (BYOL / MoCo v3: 0.4, 0.4, 0.2, 0.1).
     """
 
-    def __init__(self, strength: float, color_jitter_probability: float = 0.8, grayscale_probability: float = 0.2):
+    def __init__(
+        self,
+        strength: float = 1.0,
+        color_jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
+        brightness: float | None = None,
+        contrast: float | None = None,
+        saturation: float | None = None,
+        hue: float | None = None,
+    ) -> None:
         s = strength
-        jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))
+        jitter = T.ColorJitter(
+            0.8 * s if brightness is None else brightness,
+            0.8 * s if contrast is None else contrast,
+            0.8 * s if saturation is None else saturation,
+            min(0.2 * s, 0.5) if hue is None else hue,
+        )
         self.transform = T.Compose(
             [T.RandomApply([jitter], p=color_jitter_probability), T.RandomGrayscale(p=grayscale_probability)]
         )

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
-from vissl_vit.utils.tensors import to_device
 from vissl_vit.registry import HOOKS
 from vissl_vit.utils.logging import JsonLinesWriter
+from vissl_vit.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
 
