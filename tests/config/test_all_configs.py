@@ -38,6 +38,8 @@ def _build(overrides: list[str]) -> None:
     if vit.HIDDEN_DIM <= 128:  # a forward and a loss on the small models
         x = torch.randn(2, vit.IN_CHANNELS, vit.IMAGE_SIZE, vit.IMAGE_SIZE)
         views = {"moco_collator": 2, "multicrop_collator": cfg.LOSS.swav_loss.num_crops}
+        if cfg.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator" and cfg.LOSS.name == "swav_loss":
+            views["cutmixup_collator"] = cfg.LOSS.swav_loss.num_crops
         n = views.get(cfg.DATA.TRAIN.COLLATE_FUNCTION)
         out = model([x] * n if n else x)
         loss = build_loss(cfg)(out, torch.zeros(2, dtype=torch.long))

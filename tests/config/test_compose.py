@@ -136,3 +136,17 @@ def test_cli_unknown_config_path():
     assert proc.returncode == 2
     assert "Nearest existing: pretrain/vision_transformer/supervised/1gpu_vit_example" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_duplicate_key_in_a_file_is_an_error(tmp_path, monkeypatch):
+    import vissl_vit.config.compose as compose
+
+    root = tmp_path / "config"
+    root.mkdir()
+    (root / "dup.yaml").write_text(
+        "# @package _global_\nconfig:\n  MODEL:\n    TRUNK:\n      VISION_TRANSFORMERS:\n"
+        "        DROP_PATH_RATE: 0.1\n        DROP_PATH_RATE: 0\n"
+    )
+    monkeypatch.setattr(compose, "configs_dir", lambda: root)
+    with pytest.raises(ConfigError, match=r"key 'DROP_PATH_RATE' is set twice in the same mapping \(lines 6 and 7\)"):
+        compose.compose_config(["config=dup"])

@@ -33,7 +33,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class VisslDataset(Dataset):
-    """Concatenated sources with transforms, returning ``{"data", "label", "index", "bad", "bad_path"}``.
+    """Concatenated sources with transforms, returning ``{"data", "label", "index", "seed", "bad", "bad_path"}``.
 
     Indices are ``(index, seed)`` pairs from :class:`~vissl_vit.data.sampler.ResumableDistributedSampler`:
     the transforms run under RNGs seeded with ``seed`` (the caller's RNG states are restored
@@ -92,7 +92,14 @@ class VisslDataset(Dataset):
         else:
             raise RuntimeError("no image of the data set could be read")
         data = self._transform(img, seed)
-        return {"data": data, "label": self._label(j), "index": index, "bad": int(bool(bad_path)), "bad_path": bad_path}
+        return {
+            "data": data,
+            "label": self._label(j),
+            "index": index,
+            "seed": seed,
+            "bad": int(bool(bad_path)),
+            "bad_path": bad_path,
+        }
 
     def _transform(self, img: Any, seed: int) -> Any:
         if self.transform is None:

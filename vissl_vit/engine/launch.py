@@ -15,7 +15,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config import compose_config
-from vissl_vit.errors import ConfigError, UserError
+from vissl_vit.errors import ConfigError
+from vissl_vit.utils.cli import cli_main
 
 USAGE = """usage: python tools/run_distributed_engines.py config=<path> [config.KEY=value ...] [+config/<group>=<name> ...]
 
@@ -72,20 +73,7 @@ def launch(cfg_root: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    try:
-        cfg_root = compose_config(argv)
-        launch(cfg_root)
-    except UserError as e:
-        print(f"vissl_vit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vissl_vit: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
-        return 130
-    return 0
+    return cli_main(lambda args: launch(compose_config(args)), sys.argv[1:] if argv is None else argv, USAGE)
 
 
 if __name__ == "__main__":

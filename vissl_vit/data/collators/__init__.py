@@ -1,3 +1,3 @@
 """Collators, registered by name in COLLATORS (DATA.*.COLLATE_FUNCTION)."""
 
-from vissl_vit.data.collators import default, multiview  # noqa: F401  (registration)
+from vissl_vit.data.collators import cutmixup, default, multiview  # noqa: F401  (registration)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vissl_vit.models.heads.mlp import MLP
 from vissl_vit.registry import HEADS
 
 
@@ -37,14 +38,8 @@ class SwAVPrototypesHead(nn.Module):
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"swav_head needs at least two dims, got {dims}")
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(d_in, d_out, bias=use_bias))
-            if i < len(dims) - 2:
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(d_out))
-                layers.append(nn.ReLU(inplace=True))
-        self.projection_head = nn.Sequential(*layers)
+        # Linear (-> BN) -> ReLU between layers, none after the last
+        self.projection_head = MLP(dims, use_bn=use_bn, use_relu=True, use_bias=use_bias)
         self.num_sets = len(num_clusters)
         for j, k in enumerate(num_clusters):
             self.add_module(f"prototypes{j}", nn.Linear(dims[-1], k, bias=False))

@@ -1,0 +1,87 @@
+"""cutmixup_collator (mixup / CutMix as in DeiT) and RandAugment."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vissl_vit.data.collators.cutmixup import cutmixup_collator
+from vissl_vit.data.transforms.rand_augment import RandAugment
+
+
+def _samples(n=4, size=8, seed=3, crops=None):
+    out = []
+    for i in range(n):
+        img = torch.full((3, size, size), float(i + 1))
+        data = [torch.full((3, s, s), float(i + 1)) for s in crops] if crops else img
+        out.append({"data": data, "label": i % 3, "index": i, "seed": seed + i, "bad": 0, "bad_path": ""})
+    return out
+
+
+def test_mixup_batch_blends_mirrors_and_targets():
+    batch = cutmixup_collator(_samples(), mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=3)
+    lam = batch["mix_lambda"][0].item()
+    assert torch.all(batch["mix_lambda"] == lam) and 0 < lam < 1
+    for i in range(4):  # sample i holds the value i + 1; its mirror B-1-i holds 4 - i
+        torch.testing.assert_close(batch["data"][i], torch.full((3, 8, 8), lam * (i + 1) + (1 - lam) * (4 - i)))
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float() * 0.9 + 0.1 / 3
+    torch.testing.assert_close(batch["label"], lam * one_hot + (1 - lam) * one_hot.flip(0))
+    torch.testing.assert_close(batch["label"].sum(1), torch.ones(4))
+
+
+def test_cutmix_pastes_one_box_and_corrects_lambda():
+    batch = cutmixup_collator(_samples(size=16), mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=3)
+    x = batch["data"]
+    for i in range(4):
+        pasted = (x[i, 0] == 4 - i).float().mean().item()  # share of pixels from the mirror
+        own = (x[i, 0] == i + 1).float().mean().item()
+        assert pasted + own == pytest.approx(1.0)
+        assert batch["mix_lambda"][i].item() == pytest.approx(own)  # lam = the area left
+    masks = [(x[i, 0] != i + 1) for i in range(4)]
+    assert all(torch.equal(masks[0], m) for m in masks)  # batch mode: the same box for every sample
+
+
+def test_no_mixing_and_elem_mode():
+    batch = cutmixup_collator(_samples(), prob=0.0, label_smoothing=0.0, num_classes=3)
+    assert torch.equal(batch["data"][2], torch.full((3, 8, 8), 3.0))
+    assert torch.equal(batch["label"], torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float())
+    batch = cutmixup_collator(_samples(n=8), mixup_alpha=1.0, cutmix_alpha=0.0, mode="elem", num_classes=3)
+    assert len(set(batch["mix_lambda"].tolist())) > 1
+
+
+def test_ssl_crops_all_mixed_labels_kept_and_deterministic():
+    a = cutmixup_collator(_samples(crops=[8, 4]), ssl_method="swav", num_classes=1)
+    b = cutmixup_collator(_samples(crops=[8, 4]), ssl_method="swav", num_classes=1)
+    assert [d.shape for d in a["data"]] == [(4, 3, 8, 8), (4, 3, 4, 4)]
+    assert a["label"].tolist() == [0, 1, 2, 0]
+    assert all(torch.equal(x, y) for x, y in zip(a["data"], b["data"]))
+    changed = [not torch.equal(a["data"][c][0], torch.full_like(a["data"][c][0], 1.0)) for c in range(2)]
+    assert changed == [True, True] or a["mix_lambda"][0] == 1.0
+    with pytest.raises(ValueError, match="set ssl_method"):
+        cutmixup_collator(_samples(crops=[8, 4]))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_randaugment_every_op_runs(mode):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert(mode)
+    ra = RandAugment(magnitude=9, magnitude_std=0.5, increasing_severity=True)
+    assert len(ra.ops) == 15
+    for name, op in ra.ops.items():
+        out = op(img, 9.0)
+        assert out.size == img.size and out.mode == img.mode, name
+
+
+def test_randaugment_is_seeded_and_can_be_off():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    ra = RandAugment(magnitude=9, magnitude_std=0.5, increasing_severity=True, prob=1.0)
+    random.seed(5)
+    a = np.asarray(ra(img))
+    random.seed(5)
+    assert np.array_equal(a, np.asarray(ra(img))) and not np.array_equal(a, np.asarray(img))
+    assert np.array_equal(np.asarray(RandAugment(prob=0.0)(img)), np.asarray(img))
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugment(magnitude=11)

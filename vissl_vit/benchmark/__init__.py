@@ -1,0 +1,1 @@
+"""Benchmarks of trained trunks: feature extraction and k-nearest-neighbour classification."""
