@@ -33,7 +33,8 @@ class DerivedValues:
     """What a run derives from its config and the size of its training set."""
 
     world_size: int
-    global_batch_size: int
+    global_batch_size: int  # images per optimizer step: per replica x world size x accumulation
+    grad_accumulation_steps: int
     train_dataset_size: int
     iterations_per_epoch: int
     max_iterations: int
@@ -93,15 +94,19 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     """
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
     per_replica = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    global_batch = per_replica * world
+    accum = cfg.OPTIMIZER.grad_accumulation_steps
+    if accum < 1:
+        raise ConfigError(f"config.OPTIMIZER.grad_accumulation_steps={accum} must be at least 1.")
+    global_batch = per_replica * world * accum  # images per optimizer step
     if cfg.DATA.TRAIN.DROP_LAST:
         iters = train_dataset_size // global_batch
     else:
-        iters = math.ceil(math.ceil(train_dataset_size / world) / per_replica)
+        iters = math.ceil(math.ceil(math.ceil(train_dataset_size / world) / per_replica) / accum)
     if iters == 0 and not cfg.TEST_ONLY:
         raise ConfigError(
             f"The training set has {train_dataset_size} images, fewer than one global batch of {global_batch} "
-            f"(config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={per_replica} x {world} processes) with DROP_LAST=True: "
+            f"(config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={per_replica} x {world} processes x {accum} accumulation "
+            "steps) with DROP_LAST=True: "
             "lower the batch size or set DROP_LAST=False."
         )
     lr_cfg = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True)
@@ -115,6 +120,7 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     derived = DerivedValues(
         world_size=world,
         global_batch_size=global_batch,
+        grad_accumulation_steps=accum,
         train_dataset_size=train_dataset_size,
         iterations_per_epoch=iters,
         max_iterations=iters * cfg.OPTIMIZER.num_epochs,

@@ -66,11 +66,13 @@ def build_dataloader(
         device: where the model runs (pinned memory on CUDA only).
     """
     d = cfg.DATA[split]
+    # the sampler skips and drops whole optimizer steps: accumulation x micro-batch
+    step_batch = d.BATCHSIZE_PER_REPLICA * (cfg.OPTIMIZER.grad_accumulation_steps if split == "TRAIN" else 1)
     sampler = ResumableDistributedSampler(
         len(dataset),
         world_size,
         rank,
-        d.BATCHSIZE_PER_REPLICA,
+        step_batch,
         shuffle=split == "TRAIN",
         seed=cfg.SEED_VALUE,
         drop_last=d.DROP_LAST,

@@ -112,18 +112,19 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return state
 
 
-def model_state(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's state in VISSL's layout: {"trunk": ..., "heads": ...}, plus any other top-level
+def group_model_state(state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A model state dict in VISSL's layout: {"trunk": ..., "heads": ...}, plus any other top-level
     submodule's (e.g. MoCo's "momentum_encoder")."""
     groups: dict[str, dict[str, Any]] = {"trunk": {}, "heads": {}}
-    for key, value in model.state_dict().items():
+    for key, value in state_dict.items():
         top, rest = key.split(".", 1)
         groups.setdefault(top, {})[rest] = value
     return groups
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Inverse of :func:`model_state`; strict (a mismatch is an error listing the keys)."""
+    """Load a grouped state (see :func:`group_model_state`) into a plain model; strict, and a
+    mismatch is an error listing the keys."""
     sd = {f"{top}.{k}": v for top, group in state.items() for k, v in group.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

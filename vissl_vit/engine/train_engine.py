@@ -22,12 +22,15 @@ from vissl_vit.engine.hooks import (
     MomentumEncoderHook,
     NanLossHook,
     NormalizePrototypesHook,
+    Preempted,
+    PreemptionHook,
     ProgressBarHook,
     TestHook,
     TrainMeterHook,
     restore_trainer,
 )
 from vissl_vit.engine.hooks.phases import PhaseWriter
+from vissl_vit.engine.parallel import amp_dtype, convert_sync_bn, wrap_model
 from vissl_vit.engine.trainer import Trainer
 from vissl_vit.errors import ConfigError
 from vissl_vit.losses import build_loss
@@ -111,7 +114,7 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     if cfg.MACHINE.CPU_THREADS > 0:
         torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
     device = get_device(cfg, local_rank)
-    seed_all(cfg.SEED_VALUE + rank)
+    seed_all(cfg.SEED_VALUE)  # the same initial model on every rank (FSDP shards it in place)
 
     train_ds = build_dataset(cfg, "TRAIN") if len(cfg.DATA.TRAIN.DATA_SOURCES) else None
     derived = derive_run_values(cfg, len(train_ds) if train_ds is not None else 0)
@@ -127,11 +130,9 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         logger.info("Parameters (what non_regularized_parameters matches):\n%s", names)
     logger.info("Model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     loss_fn = build_loss(cfg).to(device)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None
-        )
+    model = wrap_model(convert_sync_bn(model, cfg, world_size, device), cfg, device, local_rank, world_size)
     optimizer = build_optimizer(cfg, model)
+    seed_all(cfg.SEED_VALUE + rank)  # from here on each rank draws its own dropout / drop-path
     train_loader = build_dataloader(cfg, "TRAIN", train_ds, rank, world_size, device) if train_ds is not None else None
     clip = cfg.MODEL.GRAD_CLIP
     norm_type = float(clip.NORM_TYPE) if clip.NORM_TYPE != "inf" else float("inf")
@@ -146,6 +147,8 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         update_interval=cfg.OPTIMIZER.param_schedulers.lr.update_interval,
         device=device,
         grad_clip=(clip.MAX_NORM, norm_type) if clip.USE_GRAD_CLIP else None,
+        accumulation=derived.grad_accumulation_steps,
+        amp_dtype=amp_dtype(cfg, device),
     )
 
     stdout_json = JsonLinesWriter(os.path.join(run_dir, "stdout.json")) if primary else None
@@ -167,7 +170,7 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     if cfg.LOSS.name == "swav_loss" and cfg.LOSS.swav_loss.normalize_last_layer:
         hooks.append(NormalizePrototypesHook())
     hooks.append(TrainMeterHook(build_meter(cfg), writer, all_reduce_sum))
-    hooks.append(LogHook(cfg.LOG_FREQUENCY, stdout_json, tb, world_size))
+    hooks.append(LogHook(cfg.LOG_FREQUENCY, stdout_json, tb, world_size, all_reduce_sum))
     if primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR:
         hooks.append(ProgressBarHook(cfg.LOG_FREQUENCY))
     test_hook = None
@@ -179,7 +182,9 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         )
         hooks.append(test_hook)
     c = cfg.CHECKPOINT
-    hooks.append(CheckpointHook(run_dir, c.CHECKPOINT_FREQUENCY, c.CHECKPOINT_ITER_FREQUENCY, c.KEEP_LAST, primary))
+    checkpoint_hook = CheckpointHook(run_dir, c.CHECKPOINT_FREQUENCY, c.CHECKPOINT_ITER_FREQUENCY, c.KEEP_LAST, primary)
+    hooks.append(checkpoint_hook)
+    hooks.append(PreemptionHook(checkpoint_hook, all_reduce_sum, world_size))  # after the regular checkpoint
     trainer.register_hooks(hooks)
 
     _resume(cfg, run_dir, trainer)
@@ -190,6 +195,8 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
             logger.info("Training already complete (%d iterations); nothing to do.", trainer.iteration)
         else:
             trainer.train()
+    except Preempted as e:
+        logger.warning("Stopped: %s", e)
     finally:
         for w in (stdout_json, metrics_json, tb):
             if w is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,35 +20,58 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepResult:
-    """What the last step produced, for the hooks to read."""
+class MicroBatch:
+    """One forward/backward of a step: the model's outputs (not detached: read them under
+    no_grad), the target on the device, and the loader's batch."""
 
-    loss: torch.Tensor
-    outputs: list[Any]  # the model's outputs (not detached: read them under no_grad)
+    outputs: list[Any]
     target: torch.Tensor
     batch: dict[str, Any]
+
+
+@dataclass
+class StepResult:
+    """What the last optimizer step produced, for the hooks to read."""
+
+    loss: torch.Tensor  # mean over the micro-batches, detached
+    micro: list[MicroBatch]
     lr: float
-    batch_size: int
+    batch_size: int  # images in the step on this process
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[Any]:
+        return self.micro[-1].outputs
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.micro[-1].target
+
+    @property
+    def batch(self) -> dict[str, Any]:
+        return self.micro[-1].batch
 
 
 class Trainer:
     """Runs ``max_iterations`` optimizer steps over ``train_loader``, calling hooks in order.
 
-    ``iteration`` counts completed steps; ``epoch`` is ``iteration // iterations_per_epoch``. A
-    resumed trainer starts mid-epoch: the sampler skips the batches already seen.
+    ``iteration`` counts completed optimizer steps; ``epoch`` is ``iteration // iterations_per_epoch``.
+    Each step takes ``accumulation`` micro-batches from the loader. A resumed trainer starts
+    mid-epoch: the sampler skips the steps already taken.
 
     Args:
-        model: the model (possibly wrapped in DDP).
+        model: the model (possibly wrapped in DDP or sharded with FSDP).
         loss_fn: ``loss_fn(outputs, target) -> scalar``.
         optimizer: torch optimizer whose param groups get the scheduled lr each step.
         lr_scheduler: fvcore schedule, a function of progress in [0, 1).
         train_loader: loader whose sampler has set_epoch / set_start_iteration.
-        iterations_per_epoch: steps per epoch.
-        max_iterations: steps in all.
+        iterations_per_epoch: optimizer steps per epoch.
+        max_iterations: optimizer steps in all.
         update_interval: "step" or "epoch" (when the lr changes).
         device: where batches go.
         grad_clip: (max_norm, norm_type), or None for no clipping.
+        accumulation: micro-batches per optimizer step.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), or None for full precision.
     """
 
     def __init__(
@@ -62,11 +86,16 @@ class Trainer:
         update_interval: str,
         device: torch.device,
         grad_clip: tuple[float, float] | None = None,
+        accumulation: int = 1,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.lr_scheduler, self.train_loader = lr_scheduler, train_loader
         self.iterations_per_epoch, self.max_iterations = iterations_per_epoch, max_iterations
         self.update_interval, self.device, self.grad_clip = update_interval, device, grad_clip
+        self.accumulation, self.amp_dtype = accumulation, amp_dtype
+        # float16 needs loss scaling; bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.iteration = 0
         self.phase_idx = 0  # phases (train and test) written to metrics.json so far
         self.hooks: list[HookBase] = []
@@ -85,6 +114,12 @@ class Trainer:
         for h in self.hooks:
             getattr(h, name)()
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for forward and loss when AMP is on (also used by test phases)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def train(self) -> None:
         """Train until max_iterations; after_train runs even when a hook or step raises."""
         logger.info("Training from iteration %d to %d", self.iteration, self.max_iterations)
@@ -97,35 +132,68 @@ class Trainer:
                 self.model.train()
                 self._call("before_epoch")
                 epoch_end = (self.epoch + 1) * self.iterations_per_epoch
+                micro: list[dict[str, Any]] = []
                 for batch in self.train_loader:
-                    self._call("before_step")
-                    self.run_step(batch)
-                    self.iteration += 1
-                    self._call("after_step")
+                    micro.append(batch)
+                    if len(micro) < self.accumulation:
+                        continue
+                    self._step(micro)
+                    micro = []
                     if self.iteration >= epoch_end:
                         break
+                if micro and self.iteration < epoch_end:  # the epoch's last, shorter step
+                    self._step(micro)
                 self._call("after_epoch")
         finally:
             self._call("after_train")
+
+    def _step(self, micro: list[dict[str, Any]]) -> None:
+        self._call("before_step")
+        self.run_step(micro)
+        self.iteration += 1
+        self._call("after_step")
 
     def current_lr(self) -> float:
         where = progress(self.iteration, self.iterations_per_epoch, self.max_iterations, self.update_interval)
         return float(self.lr_scheduler(where))
 
-    def run_step(self, batch: dict[str, Any]) -> None:
-        """One optimizer step: lr -> forward -> loss -> backward -> clip -> step."""
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch (DDP's no_sync; FSDP's
+        requires_gradient_sync)."""
+        if last:
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def run_step(self, micro: list[dict[str, Any]]) -> None:
+        """One optimizer step over micro-batches: lr -> (forward -> loss -> backward) x N -> clip -> step."""
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        data = to_device(batch["data"], self.device)
-        target = batch["label"].to(self.device, non_blocking=True)
-        outputs = self.model(data)
-        loss = self.loss_fn(outputs, target)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        done, total, images = [], torch.zeros((), device=self.device), 0
+        for i, batch in enumerate(micro):
+            data = to_device(batch["data"], self.device)
+            target = batch["label"].to(self.device, non_blocking=True)
+            with self._no_sync(last=i == len(micro) - 1):
+                with self.autocast():
+                    outputs = self.model(data)
+                    loss = self.loss_fn(outputs, target)
+                # each micro-batch's mean loss counts 1/N: the step's gradient is the mean over all
+                self.scaler.scale(loss / len(micro)).backward()
+            total += loss.detach().float() / len(micro)
+            images += len(target)
+            done.append(MicroBatch(outputs, target, batch))
         self._call("after_backward")
         if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             max_norm, norm_type = self.grad_clip
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, norm_type)
-        self.optimizer.step()
-        self.last = StepResult(loss.detach(), outputs, target, batch, lr, batch_size=len(target))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last = StepResult(total, done, lr, batch_size=images)

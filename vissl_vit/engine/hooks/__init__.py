@@ -2,7 +2,13 @@
 
 from vissl_vit.engine.hooks.algorithms import FreezeParamsHook, MomentumEncoderHook, NormalizePrototypesHook
 from vissl_vit.engine.hooks.base import HookBase
-from vissl_vit.engine.hooks.checkpoint_hook import CheckpointHook, restore_trainer, trainer_state
+from vissl_vit.engine.hooks.checkpoint_hook import (
+    CheckpointHook,
+    Preempted,
+    PreemptionHook,
+    restore_trainer,
+    trainer_state,
+)
 from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
 from vissl_vit.engine.hooks.logging_hooks import LogHook, ProgressBarHook
 from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
@@ -12,6 +18,8 @@ __all__ = [
     "FreezeParamsHook",
     "MomentumEncoderHook",
     "NormalizePrototypesHook",
+    "Preempted",
+    "PreemptionHook",
     "CheckpointHook",
     "HookBase",
     "LogHook",

@@ -3,58 +3,122 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from typing import Any
 
-from vissl_vit.engine.checkpoint import (
-    VERSION,
-    load_model_state,
-    model_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
+
+from vissl_vit.engine.checkpoint import VERSION, group_model_state, rng_state, save_checkpoint, set_rng_state
 from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.errors import UserError
 from vissl_vit.registry import HOOKS
+from vissl_vit.utils.distributed import get_world_size
 
 logger = logging.getLogger(__name__)
 
 
 def unwrap(model: Any) -> Any:
-    """The model inside a DDP/FSDP wrapper."""
+    """The model inside a DDP wrapper (FSDP shards in place: the model is itself)."""
     return getattr(model, "module", model)
 
 
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def trainer_state(trainer: Any) -> dict[str, Any]:
-    """Everything a resume needs: model, optimizer, loss, RNGs, iteration, phase and hook states."""
+    """Everything a resume needs: model, optimizer, grad scaler, loss, RNGs, iteration, phase, hooks.
+
+    Model and optimizer states are gathered whole (torch.distributed.checkpoint's full state
+    dicts), so DDP, FSDP and single-process runs write the same layout and resume from each
+    other's checkpoints. Under FSDP every rank must call this (it gathers); rank 0 writes.
+    """
+    model_sd, optim_sd = get_state_dict(unwrap(trainer.model), trainer.optimizer, options=_FULL)
     return {
         "classy_state_dict": {
-            "base_model": {"model": model_state(unwrap(trainer.model)), "meta": {}},
-            "optimizer": trainer.optimizer.state_dict(),
+            "base_model": {"model": group_model_state(model_sd), "meta": {}},
+            "optimizer": optim_sd,
             "loss": trainer.loss_fn.state_dict(),
             "train_phase_idx": trainer.epoch,
             "iteration": trainer.iteration,
         },
+        "grad_scaler": trainer.scaler.state_dict(),
         "iteration": trainer.iteration,
         "epoch": trainer.epoch,
         "phase_idx": trainer.phase_idx,
+        "iterations_per_epoch": trainer.iterations_per_epoch,
+        "world_size": get_world_size(),
         "rng": rng_state(),
         "hooks": {type(h).__name__: h.state_dict() for h in trainer.hooks if h.state_dict()},
         "version": VERSION,
     }
 
 
+def _resume_iteration(state: dict[str, Any], iterations_per_epoch: int) -> int:
+    """The iteration to resume at: the same one, or the same point of the same epoch when the
+    steps per epoch changed (another world size, batch size or accumulation)."""
+    old_ipe = state["iterations_per_epoch"]
+    if old_ipe == iterations_per_epoch:
+        return state["iteration"]
+    epoch, within = divmod(state["iteration"], old_ipe)
+    new = epoch * iterations_per_epoch + (within * iterations_per_epoch) // old_ipe
+    logger.warning(
+        "The checkpoint was written with %d iterations per epoch (world size %d), this run has %d (world size %d): "
+        "resuming at iteration %d (epoch %d, %d%% through it) instead of %d.",
+        old_ipe,
+        state["world_size"],
+        iterations_per_epoch,
+        get_world_size(),
+        new,
+        epoch,
+        100 * within // old_ipe,
+        state["iteration"],
+    )
+    return new
+
+
 def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
-    """Inverse of :func:`trainer_state` (call after the hooks are registered)."""
+    """Inverse of :func:`trainer_state` (call after the hooks are registered, on every rank)."""
     csd = state["classy_state_dict"]
-    load_model_state(unwrap(trainer.model), csd["base_model"]["model"])
-    trainer.optimizer.load_state_dict(csd["optimizer"])
+    model_sd = {f"{top}.{k}": v for top, group in csd["base_model"]["model"].items() for k, v in group.items()}
+    model = unwrap(trainer.model)
+    expected = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    missing, unexpected = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"The checkpoint does not fit the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}. "
+            "Was it written with another MODEL config?"
+        )
+    set_state_dict(
+        model,
+        trainer.optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=csd["optimizer"],
+        # model keys were checked above; the optimizer may lack state for parameters that have not
+        # been updated yet (e.g. prototypes frozen by TEMP_FROZEN_PARAMS_ITER_MAP)
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+    # set_state_dict initialises state for every parameter (a zero-gradient step); parameters the
+    # checkpoint had none for (not updated yet) must start fresh, as in an uninterrupted run
+    saved = set(csd["optimizer"]["state"])
+    for name, param in model.named_parameters():
+        if name not in saved:
+            trainer.optimizer.state.pop(param, None)
     trainer.loss_fn.load_state_dict(csd["loss"])
-    trainer.iteration = state["iteration"]
+    trainer.scaler.load_state_dict(state["grad_scaler"])
+    trainer.iteration = _resume_iteration(state, trainer.iterations_per_epoch)
     trainer.phase_idx = state["phase_idx"]
     for h in trainer.hooks:
         if type(h).__name__ in state["hooks"]:
             h.load_state_dict(state["hooks"][type(h).__name__])
-    set_rng_state(state["rng"])
+    if state["world_size"] == get_world_size():
+        set_rng_state(state["rng"])  # another world size draws other streams anyway
 
 
 @HOOKS.register("checkpoint_hook")
@@ -79,8 +143,9 @@ class CheckpointHook(HookBase):
         self.keep_last, self.is_primary = keep_last, is_primary
 
     def _save(self, name: str) -> None:
+        state = trainer_state(self.trainer)  # every rank: FSDP gathers the shards
         if self.is_primary:
-            save_checkpoint(self.folder, name, trainer_state(self.trainer), self.keep_last)
+            save_checkpoint(self.folder, name, state, self.keep_last)
 
     def after_step(self) -> None:
         t = self.trainer
@@ -93,3 +158,50 @@ class CheckpointHook(HookBase):
         done = t.epoch
         if done % self.epoch_frequency == 0 or t.iteration >= t.max_iterations:
             self._save(f"model_phase{done - 1}.torch")
+
+
+class Preempted(Exception):
+    """Raised after a signal-triggered checkpoint, to stop training cleanly."""
+
+
+@HOOKS.register("preemption_hook")
+class PreemptionHook(HookBase):
+    """On SIGTERM or SIGUSR1 (cluster preemption): finish the current step, write a checkpoint
+    on every rank's behalf, and stop; rerunning the same command resumes from it.
+
+    The ranks agree on the stop (the flag is all-reduced after each step), so they all stop after
+    the same step even if the signal reached them at different times.
+
+    Args:
+        checkpoint_hook: writes the checkpoint.
+        all_reduce: sums a tensor over ranks.
+        world_size: processes (no collective on one process).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, checkpoint_hook: CheckpointHook, all_reduce: Any, world_size: int) -> None:
+        self.checkpoint_hook, self.all_reduce, self.world_size = checkpoint_hook, all_reduce, world_size
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        logger.warning("Received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def before_train(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def after_train(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def after_step(self) -> None:
+        flag = torch.tensor([float(self.requested)], dtype=torch.float64)
+        if self.world_size > 1:
+            flag = self.all_reduce(flag)
+        if flag.item() > 0:
+            t = self.trainer
+            self.checkpoint_hook._save(f"model_iteration{t.iteration}.torch")
+            raise Preempted(f"preempted at iteration {t.iteration}: checkpoint written; rerun to resume")

@@ -46,12 +46,14 @@ class BadImageHook(HookBase):
         self.examples: list[str] = []
 
     def after_step(self) -> None:
-        batch = self.trainer.last.batch
-        bad = int(self.all_reduce(batch["bad"].sum().reshape(1).double()).item())
+        batches = [m.batch for m in self.trainer.last.micro]
+        local = sum(int(b["bad"].sum()) for b in batches)
+        bad = int(self.all_reduce(torch.tensor([float(local)], dtype=torch.float64)).item())
         if not bad:
             return
         self.count += bad
-        self.examples += [p for p in batch["bad_path"] if p][: 10 - len(self.examples)]
+        for b in batches:
+            self.examples += [p for p in b["bad_path"] if p][: 10 - len(self.examples)]
         if self.count > self.max_fraction * self.dataset_len:
             raise DataError(
                 f"{self.count} training images could not be read, more than config.DATA.MAX_BAD_IMAGE_FRACTION="

@@ -19,20 +19,22 @@ class LogHook(HookBase):
     """Every ``log_frequency`` steps (and the last): a line in log.txt, stdout.json and tensorboard.
 
     stdout.json fields: iteration (completed steps), epoch, loss (this step's), lr, images_per_sec
-    (since the previous line, this process x world size), eta_seconds, time (unix seconds).
+    (since the previous line, this process x world size), eta_seconds, time (unix seconds). The
+    loss is the mean over ranks, so it does not depend on how the global batch is split.
 
     Args:
         log_frequency: steps between lines.
         stdout_json: writer of stdout.json, or None on ranks > 0.
         tb_writer: tensorboard SummaryWriter, or None.
         world_size: processes (images/s counts the global batch).
+        all_reduce: sums a tensor over ranks (the logged loss is the mean over ranks).
     """
 
     def __init__(
-        self, log_frequency: int, stdout_json: JsonLinesWriter | None, tb_writer: Any, world_size: int
+        self, log_frequency: int, stdout_json: JsonLinesWriter | None, tb_writer: Any, world_size: int, all_reduce: Any
     ) -> None:
         self.log_frequency, self.stdout_json, self.tb = log_frequency, stdout_json, tb_writer
-        self.world_size = world_size
+        self.world_size, self.all_reduce = world_size, all_reduce
 
     def before_train(self) -> None:
         self._t0, self._it0, self._images = time.perf_counter(), self.trainer.iteration, 0
@@ -47,13 +49,15 @@ class LogHook(HookBase):
         self._images += t.last.batch_size * self.world_size
         if t.iteration % self.log_frequency and t.iteration != t.max_iterations:
             return
+        # every rank takes part: the logged loss is the global batch's, whatever the world size
+        loss = (self.all_reduce(t.last.loss.double().reshape(1)) / self.world_size).item()
         now = time.perf_counter()
         ips = self._images / max(now - self._t0, 1e-9)
         per_iter = (now - self._start_t) / max(t.iteration - self._start_it, 1)
         record = {
             "iteration": t.iteration,
             "epoch": (t.iteration - 1) // t.iterations_per_epoch,
-            "loss": t.last.loss.item(),  # full precision: resumed and uninterrupted runs compare equal
+            "loss": loss,  # full precision: resumed and uninterrupted runs compare equal
             "lr": t.last.lr,
             "images_per_sec": round(ips, 2),
             "eta_seconds": round(per_iter * (t.max_iterations - t.iteration), 1),

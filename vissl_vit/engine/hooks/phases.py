@@ -56,10 +56,12 @@ class TrainMeterHook(HookBase):
         self.loss_sum += last.loss.item()
         self.steps += 1
         if self.meter is not None:
-            self.meter.update(last.outputs, last.target)
+            for m in last.micro:
+                self.meter.update(m.outputs, m.target)
 
     def after_epoch(self) -> None:
-        values: dict[str, Any] = {"loss": self.loss_sum / max(self.steps, 1)}
+        totals = self.all_reduce(torch.tensor([self.loss_sum, float(self.steps)], dtype=torch.float64))
+        values: dict[str, Any] = {"loss": (totals[0] / totals[1].clamp(min=1)).item()}
         if self.meter is not None:
             self.meter.sync(self.all_reduce)
             values[self.writer.meter_name] = self.meter.value()
@@ -118,8 +120,9 @@ class TestHook(HookBase):
         for batch in self.loader:
             data = to_device(batch["data"], t.device)
             target = batch["label"].to(t.device, non_blocking=True)
-            outputs = model(data)
-            loss_sum += t.loss_fn(outputs, target).item() * len(target)
+            with t.autocast():
+                outputs = model(data)
+                loss_sum += t.loss_fn(outputs, target).item() * len(target)
             n += len(target)
             if self.meter is not None:
                 self.meter.update(outputs, target)
