@@ -72,7 +72,11 @@ def convert_sync_bn(model: nn.Module, cfg: DictConfig, world_size: int, device: 
 
 
 def wrap_model(model: nn.Module, cfg: DictConfig, device: torch.device, local_rank: int, world_size: int) -> nn.Module:
-    """DDP (VISSL's knobs) or FSDP (each transformer block sharded, then the rest) over the workers."""
+    """torch.compile (MODEL.COMPILE), then DDP (VISSL's knobs) or FSDP (each transformer block
+    sharded, then the rest) over the workers."""
+    if cfg.MODEL.COMPILE:
+        model.compile()  # in place: state-dict keys stay the same
+        logger.info("torch.compile: the model compiles at its first steps")
     if world_size == 1:
         return model
     d = cfg.DISTRIBUTED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -12,10 +14,12 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     The prefix tokens' (class token's) embeddings are kept as they are. The old grid is square.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(round(grid.shape[1] ** 0.5))
-    if old * old != grid.shape[1]:
-        raise ValueError(f"position embedding of {grid.shape[1]} patch tokens is not a square grid")
-    if (old, old) == tuple(new_grid):
+    n = int(grid.shape[1])  # plain ints: shapes are tensors while tracing (fvcore flop counts)
+    old = math.isqrt(n)
+    if old * old != n:
+        raise ValueError(f"position embedding of {n} patch tokens is not a square grid")
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    if (old, old) == new_grid:
         return pos_embed
     D = grid.shape[-1]
     grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2)  # [1, D, old, old]

@@ -1,0 +1,49 @@
+"""The throughput benchmark: attention FLOPs counted by formula; a tiny run reports every figure."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+from vissl_vit.benchmark.throughput import flops_per_image, main
+from vissl_vit.models.trunks.vision_transformer import VisionTransformer
+
+
+def test_attention_flops_are_counted_by_formula():
+    m = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    x = torch.randn(3, 3, 16, 16)
+    with_attention = flops_per_image(m, x)
+    analysis = FlopCountAnalysis(m.eval(), (x,))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    without = 2.0 * analysis.total() / 3
+    L, D, layers = 17, 16, 2  # 16 patches + the class token
+    # per layer Q K^T and A V: 2 x L x L x D multiply-adds, i.e. 4 L^2 D FLOPs
+    assert with_attention - without == layers * 4 * L * L * D
+
+
+def test_tiny_run_reports_every_figure(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = [
+        "config=benchmark/throughput/vit_tiny_32",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=2",
+        "--batch-size",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert set(r["models"]) == {"vissl_vit", "timm"}
+    ours, timm = r["models"]["vissl_vit"], r["models"]["timm"]
+    assert ours["train_images_per_sec"] > 0 and ours["infer_images_per_sec"] > 0
+    assert ours["gflops_per_image"] == timm["gflops_per_image"]  # the same shape, the same count
+    assert r["ratio_train"] > 0 and 0 <= r["end_to_end"]["data_wait_fraction"] < 1
+    assert "vissl_vit / timm: training" in capsys.readouterr().out

@@ -1,0 +1,365 @@
+"""Training and inference throughput of a config's model, next to timm's ViT of the same shape.
+
+    python tools/benchmark_throughput.py config=benchmark/throughput/vit_tiny_32 [--batch-size 64]
+        [--steps 10] [--warmup 3] [--repeats 5] [--json out.json] [--no-timm] [--no-e2e] [--compile]
+
+Everything is measured in one process, on the same device, alternating the two models within each
+repeat so that both see the same machine state; each figure is the median over repeats:
+
+- model-only training: forward + cross-entropy + backward + AdamW step on tensors already on the
+  device (images/s), and forward-only inference (images/s);
+- end to end: vissl_vit's Trainer step fed by the config's real data loader (images/s), and the
+  fraction of the step time spent waiting for data;
+- FLOPs per image (fvcore, with a handler so scaled_dot_product_attention is counted; reported as
+  2 x multiply-adds, forward only; a training step is about 3x) and, on a GPU, model FLOPs
+  utilisation of the training step against the device's dense bf16 peak;
+- peak memory of a training step (GPU only: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from vissl_vit.config import compose_config
+from vissl_vit.errors import UserError
+from vissl_vit.utils.cli import cli_main
+
+USAGE = __doc__.split("\n\n")[1]
+
+# dense bf16 peak TFLOP/s by device name fragment (vendor data sheets, SXM parts)
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def num_classes_of(cfg: DictConfig) -> int:
+    """Output width of the config's last head (the classifier), or the trunk width without heads."""
+    heads = cfg.MODEL.HEAD.PARAMS
+    if not heads:
+        return cfg.MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM
+    kwargs = heads[-1][1]
+    return kwargs["num_classes"] if "num_classes" in kwargs else kwargs["dims"][-1]
+
+
+def timm_twin(cfg: DictConfig) -> nn.Module:
+    """timm's VisionTransformer with the config trunk's shape and a linear head of the same width."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    v = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    return TimmViT(
+        img_size=v.IMAGE_SIZE,
+        patch_size=v.PATCH_SIZE,
+        in_chans=v.IN_CHANNELS,
+        embed_dim=v.HIDDEN_DIM,
+        depth=v.NUM_LAYERS,
+        num_heads=v.NUM_HEADS,
+        mlp_ratio=v.MLP_DIM / v.HIDDEN_DIM,
+        qkv_bias=v.QKV_BIAS,
+        class_token=v.USE_CLASS_TOKEN,
+        global_pool="token" if v.CLASSIFIER == "token" else "avg",
+        num_classes=num_classes_of(cfg),
+        drop_path_rate=v.DROP_PATH_RATE,
+    )
+
+
+def _sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """Multiply-adds of scaled_dot_product_attention: Q K^T and A V, each B H L S d."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    *batch, length, dim = q
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * length * k[-2] * dim
+
+
+def flops_per_image(model: nn.Module, x: torch.Tensor) -> float:
+    """Forward FLOPs per image (2 x multiply-adds), attention included."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model.eval()
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, (x,)).set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        macs = analysis.total()
+    model.train()
+    return 2.0 * macs / x.shape[0]
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    out = model(x)
+    logits = out[0] if isinstance(out, list) else out
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _time(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_models(
+    models: dict[str, nn.Module],
+    batch: int,
+    image: tuple[int, int, int],
+    classes: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    repeats: int,
+) -> dict[str, dict[str, float]]:
+    """Median training and inference images/s (and GPU peak memory) of each model."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *image, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    opts = {
+        n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None) for n, m in models.items()
+    }
+    train_ips: dict[str, list[float]] = {n: [] for n in models}
+    infer_ips: dict[str, list[float]] = {n: [] for n in models}
+    peak: dict[str, float] = {}
+    for name, m in models.items():  # warm-up (allocator, kernels, lazy state)
+        m.train()
+        for _ in range(warmup):
+            _train_step(m, opts[name], x, y)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            _train_step(m, opts[name], x, y)
+            _sync(device)
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    for _ in range(repeats):
+        for name, m in models.items():  # alternate: both models see the same machine state
+            m.train()
+            train_ips[name].append(
+                batch * steps / _time(lambda m=m, o=opts[name]: _train_step(m, o, x, y), steps, device)
+            )
+            m.eval()
+            with torch.no_grad():
+                infer_ips[name].append(batch * steps / _time(lambda m=m: m(x), steps, device))
+            m.train()
+    return {
+        n: {
+            "train_images_per_sec": statistics.median(train_ips[n]),
+            "infer_images_per_sec": statistics.median(infer_ips[n]),
+            "peak_memory_mb": peak.get(n, float("nan")),
+        }
+        for n in models
+    }
+
+
+def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    """vissl_vit's Trainer step fed by the config's data loader: images/s and the data-wait fraction."""
+    from vissl_vit.config.derive import derive_run_values
+    from vissl_vit.data import build_dataloader, build_dataset
+    from vissl_vit.engine.hooks import LogHook, NanLossHook
+    from vissl_vit.engine.parallel import amp_dtype, wrap_model
+    from vissl_vit.engine.train_engine import get_device
+    from vissl_vit.engine.trainer import Trainer
+    from vissl_vit.losses import build_loss
+    from vissl_vit.models import build_model
+    from vissl_vit.optim import build_lr_scheduler, build_optimizer
+
+    cfg = cfg_root.config
+    device = get_device(cfg, 0)
+    dataset = build_dataset(cfg, "TRAIN")
+    derived = derive_run_values(cfg, len(dataset))
+    model = wrap_model(build_model(cfg).to(device), cfg, device, 0, 1)  # compiles if MODEL.COMPILE
+    trainer = Trainer(
+        model,
+        build_loss(cfg).to(device),
+        build_optimizer(cfg, model),
+        build_lr_scheduler(derived),
+        build_dataloader(cfg, "TRAIN", dataset, 0, 1, device),
+        derived.iterations_per_epoch,
+        derived.max_iterations,
+        "step",
+        device,
+        accumulation=derived.grad_accumulation_steps,
+        amp_dtype=amp_dtype(cfg, device),
+    )
+    # the hooks every step runs (NaN guard, logging) are part of what the engine costs
+    trainer.register_hooks([NanLossHook(), LogHook(cfg.LOG_FREQUENCY, None, None, 1, lambda t: t)])
+    for h in trainer.hooks:
+        h.before_train()
+    loader = trainer.train_loader
+    loader.sampler.set_epoch(0)
+    it = iter(loader)
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+
+    for _ in range(warmup):
+        trainer._step([next_batch()])
+    ips, wait = [], []
+    for _ in range(repeats):
+        waiting, images = 0.0, 0
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = next_batch()
+            waiting += time.perf_counter() - t
+            trainer._step([batch])
+            images += trainer.last.batch_size
+        _sync(device)
+        total = time.perf_counter() - start
+        ips.append(images / total)
+        wait.append(waiting / total)
+    return {"train_images_per_sec": statistics.median(ips), "data_wait_fraction": statistics.median(wait)}
+
+
+def _parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    opts: dict[str, Any] = {
+        "batch_size": None,
+        "steps": 10,
+        "warmup": 3,
+        "repeats": 5,
+        "json": None,
+        "timm": True,
+        "e2e": True,
+        "compile": False,
+    }
+    rest, i = [], 0
+    flags = {
+        "--batch-size": ("batch_size", int),
+        "--steps": ("steps", int),
+        "--warmup": ("warmup", int),
+        "--repeats": ("repeats", int),
+        "--json": ("json", str),
+    }
+    while i < len(argv):
+        a = argv[i]
+        if a in flags:
+            if i + 1 >= len(argv):
+                raise UserError(f"{a} needs a value")
+            key, kind = flags[a]
+            opts[key] = kind(argv[i + 1])
+            i += 1
+        elif a in ("--no-timm", "--no-e2e"):
+            opts[a[5:]] = False
+        elif a == "--compile":  # vissl_vit's model compiled (MODEL.COMPILE), timm's eager
+            opts["compile"] = True
+        elif a.startswith("--"):
+            raise UserError(f"unknown option {a}\n{USAGE}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, opts
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    """Measure, print a table, and return (and optionally write) the results as a dict."""
+    overrides, opts = _parse(argv)
+    if opts["batch_size"]:
+        overrides.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={opts['batch_size']}")
+    if opts["compile"]:
+        overrides.append("config.MODEL.COMPILE=True")
+    cfg_root = compose_config(overrides)
+    cfg = cfg_root.config
+    from vissl_vit.engine.train_engine import get_device, seed_all
+    from vissl_vit.models import build_model
+
+    if cfg.MACHINE.CPU_THREADS > 0:
+        torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
+    device = get_device(cfg, 0)
+    seed_all(0)
+    v = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    image = (v.IN_CHANNELS, v.IMAGE_SIZE, v.IMAGE_SIZE)
+    models = {"vissl_vit": build_model(cfg).to(device)}
+    if cfg.MODEL.COMPILE:
+        models["vissl_vit"].compile()
+    if opts["timm"]:
+        models["timm"] = timm_twin(cfg).to(device)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "batch_size": batch,
+        "image": list(image),
+        "steps": opts["steps"],
+        "repeats": opts["repeats"],
+        "compiled": cfg.MODEL.COMPILE,
+        "models": measure_models(
+            models, batch, image, num_classes_of(cfg), device, opts["steps"], opts["warmup"], opts["repeats"]
+        ),
+    }
+    x = torch.randn(2, *image, device=device)
+    for name, m in models.items():
+        gflops = flops_per_image(m, x) / 1e9
+        r = results["models"][name]
+        r["gflops_per_image"] = gflops
+        peak = next((p for k, p in BF16_PEAK_TFLOPS.items() if k in results["device"]), None)
+        r["mfu"] = 3 * gflops * 1e9 * r["train_images_per_sec"] / (peak * 1e12) if peak else None
+    if opts["timm"]:
+        results["ratio_train"] = (
+            results["models"]["vissl_vit"]["train_images_per_sec"] / results["models"]["timm"]["train_images_per_sec"]
+        )
+        results["ratio_infer"] = (
+            results["models"]["vissl_vit"]["infer_images_per_sec"] / results["models"]["timm"]["infer_images_per_sec"]
+        )
+    if opts["e2e"]:
+        e2e = measure_end_to_end(cfg_root, opts["steps"], opts["warmup"], opts["repeats"])
+        e2e["overhead_vs_model_only"] = (
+            results["models"]["vissl_vit"]["train_images_per_sec"] / e2e["train_images_per_sec"] - 1
+        )
+        results["end_to_end"] = e2e
+    _print(results)
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(
+        f"device: {r['device']}, torch {r['torch']}, batch {r['batch_size']}, image {r['image']}, "
+        f"median of {r['repeats']} x {r['steps']} steps"
+    )
+    print(f"{'model':<10} {'train img/s':>12} {'infer img/s':>12} {'GFLOPs/img':>11} {'peak MB':>9} {'MFU':>7}")
+    for name, m in r["models"].items():
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+        print(
+            f"{name:<10} {m['train_images_per_sec']:>12.1f} {m['infer_images_per_sec']:>12.1f} "
+            f"{m['gflops_per_image']:>11.3f} {m['peak_memory_mb']:>9.0f} {mfu:>7}"
+        )
+    if "ratio_train" in r:
+        print(f"vissl_vit / timm: training {r['ratio_train']:.3f}x, inference {r['ratio_infer']:.3f}x")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        print(
+            f"end to end (Trainer + data loader): {e['train_images_per_sec']:.1f} img/s, "
+            f"{100 * e['data_wait_fraction']:.1f}% waiting for data, "
+            f"{100 * e['overhead_vs_model_only']:+.1f}% vs model-only"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    return cli_main(run, sys.argv[1:] if argv is None else argv, USAGE)
