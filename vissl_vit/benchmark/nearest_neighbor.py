@@ -26,7 +26,7 @@ from vissl_vit.engine.checkpoint import find_latest, load_checkpoint, load_model
 from vissl_vit.engine.train_engine import get_device, seed_all
 from vissl_vit.errors import UserError
 from vissl_vit.models import build_model
-from vissl_vit.utils.cli import cli_main
+from vissl_vit.utils.cli import cli_main, split_options
 from vissl_vit.utils.logging import setup_logging
 
 USAGE = """usage: python tools/nearest_neighbor_test.py config=<path> [config.KEY=value ...]
@@ -36,31 +36,18 @@ USAGE = """usage: python tools/nearest_neighbor_test.py config=<path> [config.KE
 
 
 def _parse(argv: list[str]) -> tuple[list[str], dict]:
-    opts = {"weights": None, "random_init": False, "k": [10, 20, 100, 200], "temperature": 0.07, "feature": None}
-    rest, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--random-init":
-            opts["random_init"] = True
-        elif a in ("--weights", "--k", "--temperature", "--feature"):
-            if i + 1 >= len(argv):
-                raise UserError(f"{a} needs a value.\n{USAGE}")
-            value = argv[i + 1]
-            i += 1
-            if a == "--weights":
-                opts["weights"] = value
-            elif a == "--k":
-                opts["k"] = [int(v) for v in value.split(",")]
-            elif a == "--temperature":
-                opts["temperature"] = float(value)
-            else:
-                opts["feature"] = value
-        elif a.startswith("--"):
-            raise UserError(f"unknown option {a}.\n{USAGE}")
-        else:
-            rest.append(a)
-        i += 1
-    return rest, opts
+    return split_options(
+        argv,
+        values={
+            "--weights": ("weights", str),
+            "--k": ("k", lambda v: [int(k) for k in v.split(",")]),
+            "--temperature": ("temperature", float),
+            "--feature": ("feature", str),
+        },
+        switches={"--random-init": ("random_init", True)},
+        defaults={"weights": None, "random_init": False, "k": [10, 20, 100, 200], "temperature": 0.07, "feature": None},
+        usage=USAGE,
+    )
 
 
 def _loader(cfg, split: str, sources_split: str) -> DataLoader:

@@ -32,8 +32,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vissl_vit.config import compose_config
-from vissl_vit.errors import UserError
-from vissl_vit.utils.cli import cli_main
+from vissl_vit.utils.cli import cli_main, split_options
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -270,42 +269,28 @@ def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: i
 
 
 def _parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    opts: dict[str, Any] = {
-        "batch_size": None,
-        "steps": 10,
-        "warmup": 3,
-        "repeats": 5,
-        "json": None,
-        "timm": True,
-        "e2e": True,
-        "compile": False,
-    }
-    rest, i = [], 0
-    flags = {
-        "--batch-size": ("batch_size", int),
-        "--steps": ("steps", int),
-        "--warmup": ("warmup", int),
-        "--repeats": ("repeats", int),
-        "--json": ("json", str),
-    }
-    while i < len(argv):
-        a = argv[i]
-        if a in flags:
-            if i + 1 >= len(argv):
-                raise UserError(f"{a} needs a value")
-            key, kind = flags[a]
-            opts[key] = kind(argv[i + 1])
-            i += 1
-        elif a in ("--no-timm", "--no-e2e"):
-            opts[a[5:]] = False
-        elif a == "--compile":  # vissl_vit's model compiled (MODEL.COMPILE), timm's eager
-            opts["compile"] = True
-        elif a.startswith("--"):
-            raise UserError(f"unknown option {a}\n{USAGE}")
-        else:
-            rest.append(a)
-        i += 1
-    return rest, opts
+    return split_options(
+        argv,
+        values={
+            "--batch-size": ("batch_size", int),
+            "--steps": ("steps", int),
+            "--warmup": ("warmup", int),
+            "--repeats": ("repeats", int),
+            "--json": ("json", str),
+        },
+        switches={"--no-timm": ("timm", False), "--no-e2e": ("e2e", False), "--compile": ("compile", True)},
+        defaults={
+            "batch_size": None,
+            "steps": 10,
+            "warmup": 3,
+            "repeats": 5,
+            "json": None,
+            "timm": True,
+            "e2e": True,
+            "compile": False,
+        },
+        usage=USAGE,
+    )
 
 
 def run(argv: list[str]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def cli_main(run: Callable[[list[str]], object], argv: list[str], usage: str) -> int:
@@ -23,3 +24,47 @@ def cli_main(run: Callable[[list[str]], object], argv: list[str], usage: str) ->
         print("vissl_vit: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
         return 130
     return 0
+
+
+def split_options(
+    argv: list[str],
+    values: dict[str, tuple[str, Callable[[str], Any]]],
+    switches: dict[str, tuple[str, Any]],
+    defaults: dict[str, Any],
+    usage: str,
+) -> tuple[list[str], dict[str, Any]]:
+    """Separate a tool's ``--options`` from its config arguments.
+
+    Args:
+        argv: the command line.
+        values: ``--flag VALUE`` options: flag -> (key, parser of the value).
+        switches: ``--flag`` options: flag -> (key, value to set).
+        defaults: the options' values when not given.
+        usage: shown with an unknown option.
+
+    Returns:
+        The remaining (config) arguments, and the options.
+    """
+    from vissl_vit.errors import UserError
+
+    opts, rest, i = dict(defaults), [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in values:
+            if i + 1 >= len(argv):
+                raise UserError(f"{a} needs a value.\n{usage}")
+            key, parse = values[a]
+            try:
+                opts[key] = parse(argv[i + 1])
+            except ValueError:
+                raise UserError(f"{a} {argv[i + 1]}: not a valid value.\n{usage}") from None
+            i += 1
+        elif a in switches:
+            key, value = switches[a]
+            opts[key] = value
+        elif a.startswith("--"):
+            raise UserError(f"unknown option {a}.\n{usage}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, opts
