@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,16 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 def quick_overrides(tmp_path: Path) -> list[str]:
     """The instant test config, writing its run folder under tmp_path."""
     return ["config=test/quick_vit", f"config.CHECKPOINT.DIR={tmp_path / 'run'}"]
+
+
+def read_losses(run_dir) -> dict[int, float]:
+    """iteration -> loss from a run's stdout.json; re-run iterations (after a resume) overwrite the
+    earlier lines, and a line still being written is ignored."""
+    out = {}
+    with open(os.path.join(run_dir, "stdout.json")) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            rec = json.loads(line)
+            out[rec["iteration"]] = rec["loss"]
+    return out

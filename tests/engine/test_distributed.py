@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_losses, run_cli
 from vissl_vit.config import compose_config
 from vissl_vit.engine.launch import environment_worker, first_slurm_host
 from vissl_vit.engine.parallel import sync_bn_groups
@@ -28,16 +27,6 @@ EXACT = [
 ]
 
 
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "stdout.json")) as f:
-        for line in f:
-            if line.endswith("\n"):
-                rec = json.loads(line)
-                out[rec["iteration"]] = rec["loss"]
-    return out
-
-
 def assert_same(a: dict, b: dict, rtol: float = 2e-5) -> None:
     assert sorted(a) == sorted(b) and a
     for it in a:
@@ -47,7 +36,7 @@ def assert_same(a: dict, b: dict, rtol: float = 2e-5) -> None:
 def train(tmp_path, name, *args) -> dict[int, float]:
     proc = run_cli(*EXACT, *args, f"config.CHECKPOINT.DIR={tmp_path / name}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(tmp_path / name)
+    return read_losses(tmp_path / name)
 
 
 def test_split_of_the_global_batch_does_not_matter(tmp_path):
@@ -84,7 +73,7 @@ def test_fsdp_equals_ddp_and_its_checkpoint_resumes_on_one_process(tmp_path):
         f"config.CHECKPOINT.DIR={tmp_path / 'fsdp'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resumed at iteration 8" in proc.stdout and max(losses(tmp_path / "fsdp")) == 12
+    assert "Resumed at iteration 8" in proc.stdout and max(read_losses(tmp_path / "fsdp")) == 12
 
 
 def test_resume_with_another_world_size_says_what_changed(tmp_path):
@@ -107,7 +96,7 @@ def test_resume_with_another_world_size_says_what_changed(tmp_path):
     text = proc.stdout
     assert "4 iterations per epoch (world size 2)" in text and "has 8 (world size 1)" in text
     assert "resuming at iteration 8 (epoch 1, 0% through it) instead of 4" in text
-    assert max(losses(run)) == 16
+    assert max(read_losses(run)) == 16
 
 
 def test_two_nodes_on_loopback(tmp_path):
@@ -136,7 +125,7 @@ def test_two_nodes_on_loopback(tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "[rank 1]" in outs[1][0]  # node 1 hosts rank 1
     one_big = train(tmp_path, "1x16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16")
-    assert_same(losses(run), one_big)
+    assert_same(read_losses(run), one_big)
     assert os.readlink(run / "checkpoint.torch") == "model_phase1.torch"
 
 
@@ -158,7 +147,7 @@ def test_torchrun_joins_the_same_code_path(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torchrun started 2 workers" in proc.stderr
-    assert_same(losses(run), train(tmp_path, "1x16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16"))
+    assert_same(read_losses(run), train(tmp_path, "1x16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16"))
 
 
 def _children(pid: int) -> list[int]:
@@ -187,7 +176,7 @@ def _long_run(run) -> subprocess.Popen:
 def _wait_for_iteration(run, n, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "stdout.json").exists() and losses(run) and max(losses(run)) >= n:
+        if (run / "stdout.json").exists() and read_losses(run) and max(read_losses(run)) >= n:
             return
         time.sleep(0.05)
     raise AssertionError(f"the run did not reach iteration {n}")
@@ -215,7 +204,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    stopped = max(losses(run))
+    stopped = max(read_losses(run))
     state = torch.load(run / "checkpoint.torch", weights_only=False)
     assert state["iteration"] == stopped and "preempted at iteration" in out
 
@@ -264,4 +253,4 @@ def test_amp_on_cpu_trains_and_checkpoints_the_scaler(tmp_path):
         state = torch.load(run / "checkpoint.torch", weights_only=False)
         scale = state["grad_scaler"].get("scale")
         assert (scale is not None) == (dtype == "float16")  # fp16: a loss scale, saved for the resume
-        assert all(v == v for v in losses(run).values())  # finite
+        assert all(v == v for v in read_losses(run).values())  # finite

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_losses, run_cli
 
 # runs long enough (60 steps) to be killed in the middle, with every source of randomness on:
 # dropout, drop-path, random augmentations in a worker process, shuffling; and the algorithms'
@@ -41,18 +40,6 @@ RUNS = {
 }
 
 
-def _losses(run_dir) -> dict[int, float]:
-    """iteration -> loss; after a resume the re-run iterations overwrite the killed run's."""
-    out = {}
-    with open(os.path.join(run_dir, "stdout.json")) as f:
-        for line in f:
-            if not line.endswith("\n"):  # being written right now
-                break
-            rec = json.loads(line)
-            out[rec["iteration"]] = rec["loss"]
-    return out
-
-
 def _final_state(run_dir) -> dict[str, torch.Tensor]:
     """Every tensor of the final model (trunk, heads, momentum encoder) and loss (queues)."""
     state = torch.load(os.path.join(run_dir, "checkpoint.torch"), map_location="cpu", weights_only=False)
@@ -68,7 +55,7 @@ def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = run_cli(*ARGS, f"config.CHECKPOINT.DIR={ref_dir}")
     assert ref.returncode == 0, ref.stderr
-    expected = _losses(ref_dir)
+    expected = read_losses(ref_dir)
     assert sorted(expected) == list(range(1, 61))
 
     proc = subprocess.Popen(
@@ -83,7 +70,7 @@ def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
     while time.monotonic() < deadline and proc.poll() is None:
         stdout_json = run_dir / "stdout.json"
         if stdout_json.exists():
-            done = _losses(run_dir)
+            done = read_losses(run_dir)
             if done and max(done) >= 17:  # past several checkpoints, mid-epoch 2
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed_after = max(done)
@@ -95,7 +82,7 @@ def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
     rerun = run_cli(*ARGS, f"config.CHECKPOINT.DIR={run_dir}")
     assert rerun.returncode == 0, rerun.stderr
     assert "Resuming from" in rerun.stdout
-    assert _losses(run_dir) == expected  # bit-for-bit, every iteration
+    assert read_losses(run_dir) == expected  # bit-for-bit, every iteration
     ref_state, run_state = _final_state(ref_dir), _final_state(run_dir)
     assert ref_state.keys() == run_state.keys()
     assert [k for k in ref_state if not torch.equal(ref_state[k], run_state[k])] == []

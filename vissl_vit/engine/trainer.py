@@ -39,18 +39,6 @@ class StepResult:
     batch_size: int  # images in the step on this process
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def outputs(self) -> list[Any]:
-        return self.micro[-1].outputs
-
-    @property
-    def target(self) -> torch.Tensor:
-        return self.micro[-1].target
-
-    @property
-    def batch(self) -> dict[str, Any]:
-        return self.micro[-1].batch
-
 
 class Trainer:
     """Runs ``max_iterations`` optimizer steps over ``train_loader``, calling hooks in order.
