@@ -48,6 +48,7 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "faiss-cpu>=1.7",
     ],
     extras_require={"test": TEST_REQUIRES, "dev": TEST_REQUIRES + ["ruff"]},
     entry_points={"console_scripts": ["vissl-vit-train=vissl_vit.engine.launch:main"]},

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from vissl_vit import compose_config, run_train_engine
-from vissl_vit.benchmark.knn import knn_classify
+from vissl_vit.benchmark.knn import knn_classify, knn_search, weighted_knn_accuracy
 from vissl_vit.benchmark.nearest_neighbor import main
+from vissl_vit.engine.launch import main as launch_main
 
 
 def test_votes_by_hand():
@@ -51,13 +52,65 @@ def test_matches_a_plain_loop(k):
     assert got["top_5"] == 100.0  # 5 classes
 
 
+def _clustered(n, d, classes, seed):
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(123))  # shared by both splits
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return centres[labels] + 0.8 * torch.randn(n, d, generator=g), labels
+
+
+@pytest.mark.parametrize("backend,index", [("faiss", "flat"), ("faiss", "ivf"), ("torch", "flat")])
+def test_search_backends_equal_the_torch_reference(backend, index):
+    pytest.importorskip("faiss")
+    bank, bank_labels = _clustered(2000, 16, 10, 0)
+    queries, query_labels = _clustered(300, 16, 10, 1)
+    ks = [1, 10, 20, 100]
+    b, q = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    # ivf visiting every cell is exact too
+    sim, idx = knn_search(b, q, max(ks), backend, index, nlist=16, nprobe=16)
+    exact_sim, exact_idx = (q @ b.T).topk(max(ks), dim=1)
+    assert torch.allclose(sim, exact_sim, atol=1e-5)
+    assert (idx == exact_idx).float().mean() > 0.999  # float ties aside, the same neighbours
+    got = weighted_knn_accuracy(sim, idx, bank_labels, query_labels, ks, 0.07)
+    for k in ks:
+        ref = knn_classify(bank, bank_labels, queries, query_labels, k=k, temperature=0.07)
+        assert got[str(k)]["top_1"] == pytest.approx(ref["top_1"], abs=1e-9)
+        assert got[str(k)]["top_5"] == pytest.approx(ref["top_5"], abs=1e-9)
+    assert 50 < got["20"]["top_1"] < 100  # a task that is neither trivial nor hopeless
+
+
+def test_ivf_with_few_probes_is_approximate_and_missing_neighbours_do_not_vote():
+    pytest.importorskip("faiss")
+    bank, bank_labels = _clustered(4000, 16, 10, 0)
+    queries, query_labels = _clustered(200, 16, 10, 1)
+    b, q = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    sim, idx = knn_search(b, q, 200, "faiss", "ivf", nlist=64, nprobe=1)
+    exact = weighted_knn_accuracy(*knn_search(b, q, 200, "torch"), bank_labels, query_labels, [200], 0.07)
+    approx = weighted_knn_accuracy(sim, idx, bank_labels, query_labels, [200], 0.07)
+    assert (idx == -1).any()  # one cell of ~60 points cannot give 200 neighbours
+    assert abs(approx["200"]["top_1"] - exact["200"]["top_1"]) < 15
+
+
 def test_tool_on_a_quick_run(tmp_path, capsys):
-    args = ["config=test/quick_vit", f"config.CHECKPOINT.DIR={tmp_path / 'run'}"]
-    assert main(args) == 2 and "No checkpoint" in capsys.readouterr().err
-    run_train_engine(compose_config(args))
-    assert main(args + ["--k", "5,10"]) == 0
-    assert main(args + ["--random-init", "--k", "5"]) == 0
-    records = [json.loads(line) for line in open(tmp_path / "run" / "nearest_neighbor.json")]
-    assert records[0]["weights"].endswith("model_phase1.torch") and set(records[0]["results"]) == {"5", "10"}
-    assert records[1]["weights"] == "random-init" and records[0]["test_images"] == 64
-    assert main(["config=test/quick_moco", "--random-init"]) == 2 and "needs DATA.TEST" in capsys.readouterr().err
+    pytest.importorskip("faiss")
+    run = tmp_path / "run"
+    pre = ["config=test/quick_vit", f"config.CHECKPOINT.DIR={tmp_path / 'pre'}"]
+    args = ["config=test/quick_vit", "+config/test/overlays=knn", f"config.CHECKPOINT.DIR={run}"]
+    assert main(args) == 2 and "ALLOW_RANDOM_INIT" in capsys.readouterr().err  # no weights: refused
+    run_train_engine(compose_config(pre))
+    assert main(args + ["--weights", str(tmp_path / "pre"), "--k", "5,10"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(args + ["--random-init", "--k", "5", "--feature", "concatCLS2"]) == 0
+    records = [json.loads(line) for line in open(run / "nearest_neighbor.json")]
+    assert records[0]["weights"] == str(tmp_path / "pre") and set(records[0]["results"]) == {"5", "10"}
+    assert records[1]["weights"] == "random-init" and records[1]["feature"] == "concatCLS2"
+    assert records[0]["test_images"] == 64 and records[0]["train_images"] == 64
+    # a pretraining config's augmented views are refused, not silently averaged
+    moco = [
+        "config=test/quick_moco",
+        f"config.CHECKPOINT.DIR={tmp_path / 'moco'}",
+        "config.ENGINE_NAME=extract_features",
+        "config.EXTRACT_FEATURES.SPLITS=[TRAIN]",
+        "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True",
+    ]
+    assert launch_main(moco) == 2 and "one view per image" in capsys.readouterr().err

@@ -18,7 +18,17 @@ OVERLAY_BASES = {
     "pretrain/vision_transformer/supervised/models": "pretrain/vision_transformer/supervised/1gpu_vit_example",
     "pretrain/vision_transformer/moco/models": "pretrain/vision_transformer/moco/vit_s16_mocov3",
     "pretrain/vision_transformer/swav/models": "pretrain/vision_transformer/swav/deit_s16",
+    "benchmark/linear_image_classification/fashion_mnist/models": (
+        "benchmark/linear_image_classification/fashion_mnist/eval_linear"
+    ),
+    "benchmark/linear_image_classification/imagenet1k/models": (
+        "benchmark/linear_image_classification/imagenet1k/eval_linear"
+    ),
+    "benchmark/nearest_neighbor/fashion_mnist/models": "benchmark/nearest_neighbor/fashion_mnist/eval_knn",
+    "benchmark/nearest_neighbor/imagenet1k/models": "benchmark/nearest_neighbor/imagenet1k/eval_knn",
 }
+# the benchmark configs that leave PARAMS_FILE to the user refuse a random trunk; allowed here
+ALLOW_RANDOM = "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True"
 # overlays that only make sense over a particular config of their folder
 OVERLAY_BASE_OVERRIDES = {"test/overlays/moco_v2": "test/quick_moco"}
 MAIN = [c for c in list_configs() if not set(Path(c).parts) & set(OVERLAY_DIRS)]
@@ -48,7 +58,7 @@ def _build(overrides: list[str]) -> None:
 
 @pytest.mark.parametrize("name", MAIN)
 def test_config_composes_and_builds(name):
-    _build([f"config={name}", "config.MACHINE.DEVICE=cpu"])
+    _build([f"config={name}", "config.MACHINE.DEVICE=cpu", ALLOW_RANDOM])
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -56,4 +66,4 @@ def test_overlay_composes_and_builds(name):
     group, leaf = str(Path(name).parent), Path(name).name
     assert group in OVERLAY_BASES, f"add a base config for the overlay folder {group} to OVERLAY_BASES"
     base = OVERLAY_BASE_OVERRIDES.get(name, OVERLAY_BASES[group])
-    _build([f"config={base}", f"+config/{group}={leaf}", "config.MACHINE.DEVICE=cpu"])
+    _build([f"config={base}", f"+config/{group}={leaf}", "config.MACHINE.DEVICE=cpu", ALLOW_RANDOM])

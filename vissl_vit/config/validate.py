@@ -18,9 +18,18 @@ from vissl_vit.errors import ConfigError, closest
 _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "config.MODEL.TRUNK.VISION_TRANSFORMERS.QK_SCALE": (bool, float, int),
     "config.MODEL.GRAD_CLIP.NORM_TYPE": (int, float, str),
+    "config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME": (str, list, type(None)),
 }
 
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}
+_TYPE_NAMES = {
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+    list: "list",
+    dict: "mapping",
+    type(None): "null",
+}
 
 
 def _is_torch_loss(name: str) -> bool:
@@ -132,8 +141,9 @@ def check_cross_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"config.MODEL.GRAD_CLIP.NORM_TYPE='{norm}': expected a number or 'inf'.")
 
     heads = cfg.MODEL.HEAD.PARAMS
-    if heads:
+    if heads and not cfg.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON:
         _check_head_width(heads[0], vit.HIDDEN_DIM, cfg.MODEL.TRUNK.NAME)
+    _check_feature_eval(cfg)
 
     for split in ("TRAIN", "TEST"):
         d = cfg.DATA[split]
@@ -149,9 +159,10 @@ def check_cross_keys(cfg: DictConfig) -> None:
             )
         if d.COPY_TO_LOCAL_DISK:
             raise ConfigError(f"config.DATA.{split}.COPY_TO_LOCAL_DISK=True is not implemented yet; set it to False.")
-    if not cfg.DATA.TRAIN.DATA_SOURCES and not cfg.TEST_ONLY:
+    training = cfg.ENGINE_NAME == "train"
+    if not cfg.DATA.TRAIN.DATA_SOURCES and not cfg.TEST_ONLY and training:
         raise ConfigError("config.DATA.TRAIN.DATA_SOURCES is empty: say where the training images are.")
-    if (cfg.TEST_MODEL or cfg.TEST_ONLY) and not cfg.DATA.TEST.DATA_SOURCES:
+    if training and (cfg.TEST_MODEL or cfg.TEST_ONLY) and not cfg.DATA.TEST.DATA_SOURCES:
         raise ConfigError(
             "config.TEST_MODEL=True but config.DATA.TEST.DATA_SOURCES is empty: set up DATA.TEST "
             "or set config.TEST_MODEL=False."
@@ -189,7 +200,90 @@ def check_cross_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
 
 
-def _check_head_width(head: Any, width: int, trunk: str) -> None:
+ENGINES = ("train", "extract_features", "nearest_neighbor")
+
+
+def _check_feature_eval(cfg: DictConfig) -> None:
+    """FEATURE_EVAL_SETTINGS, WEIGHTS_INIT, EXTRACT_FEATURES and NEAREST_NEIGHBOR."""
+    from vissl_vit.models.trunks.vision_transformer import feature_width
+
+    if cfg.ENGINE_NAME not in ENGINES:
+        raise ConfigError(f"config.ENGINE_NAME='{cfg.ENGINE_NAME}': expected one of {', '.join(ENGINES)}.")
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    where = "config.MODEL.FEATURE_EVAL_SETTINGS"
+    frozen_engine = cfg.ENGINE_NAME != "train"
+    if fe.FREEZE_TRUNK_ONLY and fe.FREEZE_TRUNK_AND_HEAD:
+        raise ConfigError(f"{where}: FREEZE_TRUNK_ONLY and FREEZE_TRUNK_AND_HEAD are exclusive; set one.")
+    if (fe.FREEZE_TRUNK_ONLY or fe.FREEZE_TRUNK_AND_HEAD) and not fe.EVAL_MODE_ON:
+        raise ConfigError(f"{where}: FREEZE_TRUNK_ONLY / FREEZE_TRUNK_AND_HEAD need EVAL_MODE_ON=True.")
+    if fe.EVAL_MODE_ON and not frozen_engine and not (fe.FREEZE_TRUNK_ONLY or fe.FREEZE_TRUNK_AND_HEAD):
+        raise ConfigError(
+            f"{where}.EVAL_MODE_ON=True with the train engine: set FREEZE_TRUNK_ONLY=True (linear evaluation) "
+            "or FREEZE_TRUNK_AND_HEAD=True (with TEST_ONLY)."
+        )
+    if fe.FREEZE_TRUNK_AND_HEAD and not frozen_engine and not cfg.TEST_ONLY:
+        raise ConfigError(f"{where}.FREEZE_TRUNK_AND_HEAD=True leaves nothing to train: use it with TEST_ONLY=True.")
+    w = cfg.MODEL.WEIGHTS_INIT
+    formats = ("auto", "vissl_vit", "vissl", "timm", "deit", "dino", "mocov3")
+    if w.FORMAT not in formats:
+        raise ConfigError(f"config.MODEL.WEIGHTS_INIT.FORMAT='{w.FORMAT}': expected one of {', '.join(formats)}.")
+    if w.SCOPE not in ("auto", "trunk", "model"):
+        raise ConfigError(f"config.MODEL.WEIGHTS_INIT.SCOPE='{w.SCOPE}': expected auto, trunk or model.")
+    uses_features = frozen_engine and not cfg.NEAREST_NEIGHBOR.FEATURES_DIR
+    if (fe.EVAL_MODE_ON or uses_features) and not w.PARAMS_FILE and not w.ALLOW_RANDOM_INIT:
+        raise ConfigError(
+            "A frozen trunk is evaluated but config.MODEL.WEIGHTS_INIT.PARAMS_FILE is empty, so it would keep its "
+            "random initialisation. Give the weights (a file or a run folder), or set "
+            "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True to evaluate random weights on purpose."
+        )
+
+    entries = [[e] if isinstance(e, str) else list(e) for e in fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP]
+    names = [e[0] if e else "" for e in entries]
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    widths = []
+    for i, name in enumerate(names):
+        try:
+            widths.append(feature_width(str(name), vit.HIDDEN_DIM, vit.NUM_LAYERS))
+        except ValueError as e:
+            raise ConfigError(f"{where}.LINEAR_EVAL_FEAT_POOL_OPS_MAP[{i}]: {e}.") from None
+    heads = cfg.MODEL.HEAD.PARAMS
+    if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY and heads:
+        n_feats = max(len(names), 1)
+        if len(heads) != n_feats:
+            raise ConfigError(
+                f"Linear evaluation trains one head per feature: config.MODEL.HEAD.PARAMS has {len(heads)} heads "
+                f"but {where}.LINEAR_EVAL_FEAT_POOL_OPS_MAP names {n_feats} feature(s) ({list(names) or 'default'})."
+            )
+        for i, head in enumerate(heads):
+            width = widths[i] if names else vit.HIDDEN_DIM
+            identity = not names or len(entries[i]) < 2 or entries[i][1][0] == "Identity"
+            if width is not None and identity:
+                _check_head_width(head, width, f"trunk feature '{names[i] if names else 'default'}'", i)
+    if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_AND_HEAD and len(names) > 1:
+        raise ConfigError(f"{where}.FREEZE_TRUNK_AND_HEAD runs the heads on one feature; {len(names)} are listed.")
+
+    for split in cfg.EXTRACT_FEATURES.SPLITS:
+        if split not in ("TRAIN", "TEST"):
+            raise ConfigError(f"config.EXTRACT_FEATURES.SPLITS has '{split}': expected TRAIN and/or TEST.")
+        if frozen_engine and uses_features and not cfg.DATA[split].DATA_SOURCES:
+            raise ConfigError(
+                f"config.EXTRACT_FEATURES.SPLITS has {split} but config.DATA.{split}.DATA_SOURCES is empty."
+            )
+    nn_cfg = cfg.NEAREST_NEIGHBOR
+    if cfg.ENGINE_NAME == "nearest_neighbor":
+        if sorted(cfg.EXTRACT_FEATURES.SPLITS) != ["TEST", "TRAIN"]:
+            raise ConfigError("nearest_neighbor needs config.EXTRACT_FEATURES.SPLITS=[TRAIN,TEST]: bank and queries.")
+        if nn_cfg.BACKEND not in ("faiss", "torch"):
+            raise ConfigError(f"config.NEAREST_NEIGHBOR.BACKEND='{nn_cfg.BACKEND}': expected faiss or torch.")
+        if nn_cfg.INDEX not in ("flat", "ivf"):
+            raise ConfigError(f"config.NEAREST_NEIGHBOR.INDEX='{nn_cfg.INDEX}': expected flat or ivf.")
+        if not nn_cfg.TOPK or any(not isinstance(k, int) or k < 1 for k in nn_cfg.TOPK):
+            raise ConfigError(f"config.NEAREST_NEIGHBOR.TOPK={list(nn_cfg.TOPK)}: expected positive integers.")
+        if nn_cfg.TEMPERATURE <= 0:
+            raise ConfigError(f"config.NEAREST_NEIGHBOR.TEMPERATURE={nn_cfg.TEMPERATURE} must be positive.")
+
+
+def _check_head_width(head: Any, width: int, trunk: str, index: int | None = None) -> None:
     if not (len(head) == 2 and isinstance(head[0], str)):
         raise ConfigError(f"config.MODEL.HEAD.PARAMS entries are [name, {{kwargs}}] pairs; got {list(head)}.")
     name, kwargs = head[0], head[1]
@@ -201,6 +295,11 @@ def _check_head_width(head: Any, width: int, trunk: str) -> None:
     elif "dims" in kwargs and len(kwargs["dims"]):
         in_dim = kwargs["dims"][0]
     if in_dim is not None and in_dim != width:
+        if index is not None:
+            raise ConfigError(
+                f"config.MODEL.HEAD.PARAMS[{index}] '{name}' takes inputs of width {in_dim}, but the {trunk} "
+                f"has width {width}; they must match."
+            )
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: the first head '{name}' takes inputs of width {in_dim}, but the "
             f"{trunk} trunk outputs HIDDEN_DIM={width}; they must match."

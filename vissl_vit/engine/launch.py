@@ -61,9 +61,14 @@ class WorkerInfo:
 
 
 def _engine(name: str) -> Callable[..., object]:
+    from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
     from vissl_vit.engine.train_engine import run_train_engine
 
-    engines = {"train": run_train_engine}
+    engines = {
+        "train": run_train_engine,
+        "extract_features": run_extract_features_engine,
+        "nearest_neighbor": run_nearest_neighbor_engine,
+    }
     if name not in engines:
         raise ConfigError(f"config.ENGINE_NAME='{name}': expected one of {', '.join(engines)}.")
     return engines[name]

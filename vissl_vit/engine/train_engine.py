@@ -35,7 +35,7 @@ from vissl_vit.engine.trainer import Trainer
 from vissl_vit.errors import ConfigError
 from vissl_vit.losses import build_loss
 from vissl_vit.meters import build_meter
-from vissl_vit.models import build_model
+from vissl_vit.models import apply_weights_init, build_model
 from vissl_vit.optim import build_lr_scheduler, build_optimizer
 from vissl_vit.utils.distributed import all_reduce_sum
 from vissl_vit.utils.logging import JsonLinesWriter, setup_logging
@@ -123,7 +123,9 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
     if cfg.VERBOSE:
         logger.info("Config:\n%s", OmegaConf.to_yaml(cfg_root))
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    apply_weights_init(model, cfg)  # before wrapping; a resumed run then loads its own checkpoint over it
+    model = model.to(device)
     if cfg.VERBOSE:
         logger.info("Model:\n%s", model)
         names = "\n".join(f"  {n} {tuple(p.shape)}" for n, p in model.named_parameters())

@@ -7,12 +7,22 @@ from vissl_vit.registry import METERS
 from vissl_vit.utils.kwargs import call_with_kwargs
 
 
+def _eval_features(cfg: DictConfig) -> list:
+    return OmegaConf.to_container(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP, resolve=True)
+
+
 def build_meter(cfg: DictConfig):
     """The meter named by ``METERS.name``, or None when it is empty."""
     name = cfg.METERS.name
     if not name:
         return None
     kwargs = OmegaConf.to_container(cfg.METERS[name], resolve=True) if name in cfg.METERS else {}
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    if name == "accuracy_list_meter" and fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY and not kwargs.get("meter_names"):
+        # linear eval: one meter per head, named after the feature it reads
+        feats = [e if isinstance(e, str) else e[0] for e in _eval_features(cfg)]
+        if len(feats) == kwargs.get("num_meters", 1):
+            kwargs["meter_names"] = feats
     return call_with_kwargs(METERS.get(name), kwargs, f"config.METERS.{name}")
 
 

@@ -1,7 +1,7 @@
 """Trunks, heads and the model that joins them."""
 
 from vissl_vit.models import heads, trunks  # noqa: F401  (registration)
-from vissl_vit.models.build import build_model
+from vissl_vit.models.build import apply_weights_init, build_model
 from vissl_vit.models.model import TrunkHeadModel
 
-__all__ = ["TrunkHeadModel", "build_model"]
+__all__ = ["TrunkHeadModel", "apply_weights_init", "build_model"]

@@ -6,6 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vissl_vit.models.feature_eval import FeatureEvalModel, parse_pool_ops_map
 from vissl_vit.models.moco import MoCoModel
 from vissl_vit.models.model import TrunkHeadModel
 from vissl_vit.registry import HEADS, TRUNKS
@@ -41,7 +42,9 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     """Build trunk and heads from the ``config`` node of a composed config.
 
     MoCo (``LOSS.name: moco_loss``) is the one method whose model is more than trunk + heads: its
-    model adds a momentum encoder, configured by ``LOSS.moco_loss`` as in VISSL's configs.
+    model adds a momentum encoder, configured by ``LOSS.moco_loss`` as in VISSL's configs. With
+    ``FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` the model is a frozen trunk with a head per feature
+    (:class:`FeatureEvalModel`). Weights are loaded separately (:func:`apply_weights_init`).
 
     Args:
         cfg: the ``config`` node (``compose_config(...).config``).
@@ -53,8 +56,33 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     for i, entry in enumerate(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS, resolve=True)):
         head_name, kwargs = entry[0], entry[1] if len(entry) > 1 else {}
         heads.append(call_with_kwargs(HEADS.get(head_name), kwargs, f"config.MODEL.HEAD.PARAMS[{i}] '{head_name}'"))
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    if fe.EVAL_MODE_ON:
+        names, pools = parse_pool_ops_map(OmegaConf.to_container(fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP, resolve=True))
+        return FeatureEvalModel(
+            trunk, heads, names or None, pools, fe.SHOULD_FLATTEN_FEATS, freeze_heads=fe.FREEZE_TRUNK_AND_HEAD
+        )
     model = TrunkHeadModel(trunk, heads)
     if cfg.LOSS.name == "moco_loss":
         m = cfg.LOSS.moco_loss
         model = MoCoModel(model, m.version, m.momentum, m.momentum_schedule, m.shuffle_bn)
     return model
+
+
+def weights_scope(cfg: DictConfig) -> str:
+    """What MODEL.WEIGHTS_INIT loads: "trunk" when the heads are new (linear eval, feature
+    extraction), else "model"; WEIGHTS_INIT.SCOPE overrides."""
+    scope = cfg.MODEL.WEIGHTS_INIT.SCOPE
+    if scope != "auto":
+        return scope
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    trunk_only = fe.EVAL_MODE_ON and not fe.FREEZE_TRUNK_AND_HEAD
+    return "trunk" if trunk_only or cfg.ENGINE_NAME in ("extract_features", "nearest_neighbor") else "model"
+
+
+def apply_weights_init(model: TrunkHeadModel, cfg: DictConfig) -> None:
+    """Load MODEL.WEIGHTS_INIT.PARAMS_FILE into a freshly built model, when one is set."""
+    if cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE:
+        from vissl_vit.models.weights import init_model_from_weights
+
+        init_model_from_weights(model, cfg.MODEL.WEIGHTS_INIT, weights_scope(cfg))

@@ -92,6 +92,12 @@ class MoCoModel(TrunkHeadModel):
         return [super().forward(list(views))[0], self._keys(list(views))]
 
     @torch.no_grad()
+    def reset_momentum_encoder(self) -> None:
+        """Make the momentum encoder a copy of the online trunk and key heads (after loading weights)."""
+        for target, source in zip(self.momentum_encoder.parameters(), self._online_key_params()):
+            target.copy_(source)
+
+    @torch.no_grad()
     def update_momentum_encoder(self, progress: float) -> float:
         """EMA of the online weights into the momentum encoder; returns the momentum used."""
         m = momentum_at(self.momentum, self.momentum_schedule, progress)

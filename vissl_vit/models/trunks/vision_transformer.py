@@ -33,6 +33,22 @@ FEATURE_PATTERNS = {
 _FEATURE_RE = re.compile(r"^(lastCLS|lastBLK|lastMAP|lastPOOL|concatCLS(\d+)|blkCLS(\d+)|concatPOOL(\d+))$")
 
 
+def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
+    """Width of a flat feature ([B, width]) of the trunk, or None for the non-flat ones (lastBLK,
+    lastMAP). An unknown name, or one asking for blocks the trunk does not have, raises ValueError."""
+    m = _FEATURE_RE.match(key)
+    if not m:
+        raise ValueError(
+            f"unknown feature '{key}' of the vision_transformer trunk; known: {', '.join(FEATURE_PATTERNS)}"
+        )
+    n = int(m.group(2) or m.group(4) or 1)
+    if not 1 <= n <= num_layers or (m.group(3) is not None and int(m.group(3)) >= num_layers):
+        raise ValueError(f"feature '{key}' asks for blocks the trunk does not have (it has {num_layers})")
+    if m.group(1) in ("lastBLK", "lastMAP"):
+        return None
+    return hidden_dim * n
+
+
 @TRUNKS.register("vision_transformer")
 class VisionTransformer(nn.Module):
     """ViT trunk returning the features named in ``out_feat_keys``.

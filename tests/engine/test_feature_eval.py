@@ -1,0 +1,139 @@
+"""Linear evaluation (frozen trunk in eval mode, a head per feature, a meter per head) and the
+extract_features engine (shards per rank merged in data set order)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vissl_vit import compose_config, run_train_engine
+from vissl_vit.engine.checkpoint import find_latest, load_checkpoint
+from vissl_vit.engine.launch import main as launch_main
+from vissl_vit.errors import ConfigError
+from vissl_vit.models import build_model
+from vissl_vit.models.feature_eval import FeatureEvalModel
+
+LINEAR = ["config=test/quick_vit", "+config/test/overlays=linear_eval"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    run_train_engine(compose_config(["config=test/quick_vit", f"config.CHECKPOINT.DIR={run}"]))
+    return run
+
+
+def _trunk_state(path) -> dict:
+    return load_checkpoint(path)["classy_state_dict"]["base_model"]["model"]["trunk"]
+
+
+def test_linear_eval_trains_only_the_heads_and_reports_each(tmp_path, pretrained):
+    run = tmp_path / "lin"
+    run_train_engine(
+        compose_config([*LINEAR, f"config.CHECKPOINT.DIR={run}", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"])
+    )
+    before, after = _trunk_state(find_latest(str(pretrained))), _trunk_state(find_latest(str(run)))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # the trunk is frozen, bit for bit
+
+    def heads(name):
+        return load_checkpoint(str(run / name))["classy_state_dict"]["base_model"]["model"]["heads"]
+
+    first, last = heads("model_phase0.torch"), heads("model_phase1.torch")
+    assert "0.channel_bn.weight" in last and any(k.startswith("1.") for k in last)
+    for i in ("0", "1"):  # both probes trained
+        assert any(not torch.equal(first[k], last[k]) for k in last if k.startswith(f"{i}.") and "weight" in k)
+    metrics = [json.loads(line) for line in open(run / "metrics.json")]
+    test = [m for m in metrics if "test_accuracy_list_meter" in m][-1]["test_accuracy_list_meter"]
+    assert set(test["top_1"]) == {"lastCLS", "concatCLS2"}  # a meter per head, named after its feature
+
+
+def test_frozen_trunk_stays_in_eval_mode(pretrained):
+    cfg = compose_config([*LINEAR, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"]).config
+    assert (
+        cfg.MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE > 0 and cfg.MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE > 0
+    )
+    model = build_model(cfg)
+    assert isinstance(model, FeatureEvalModel)
+    model.train()
+    assert not model.trunk.training and model.heads.training
+    assert all(not p.requires_grad for p in model.trunk.parameters())
+    assert all(p.requires_grad for p in model.heads.parameters())
+    x = torch.randn(4, 3, 16, 16)
+    f1, f2 = model.features(x), model.features(x)
+    assert all(torch.equal(a, b) for a, b in zip(f1, f2))  # no dropout, no drop-path
+    assert [f.shape[1] for f in f1] == [32, 64]
+    out = model(x)
+    assert len(out) == 2 and all(o.shape == (4, 4) for o in out)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "ALLOW_RANDOM_INIT"),
+        (
+            ["config.MODEL.WEIGHTS_INIT.PARAMS_FILE=x", "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[32,4]}]]"],
+            "one head per feature",
+        ),
+        (
+            [
+                "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=x",
+                "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[32,4]}],[mlp,{dims:[32,4]}]]",
+            ],
+            r"PARAMS\[1\] 'mlp' takes inputs of width 32, but the trunk feature 'concatCLS2' has width 64",
+        ),
+        (
+            [
+                "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=x",
+                "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[lastCLS],[concatCLS9]]",
+            ],
+            "asks for blocks the trunk does not have",
+        ),
+        (
+            [
+                "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=x",
+                "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=False",
+                "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD=True",
+            ],
+            "leaves nothing to train",
+        ),
+    ],
+)
+def test_bad_linear_eval_configs_are_refused(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([*LINEAR, *extra])
+
+
+def _extract(tmp_path, name, procs, pretrained):
+    out = tmp_path / name
+    args = [
+        "config=test/quick_vit",
+        "+config/test/overlays=knn",
+        "config.ENGINE_NAME=extract_features",
+        "config.DATA.SYNTHETIC.NUM_IMAGES=63",  # 2 processes: one pads its share with a repeat
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+        f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
+        "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[lastCLS],[concatCLS2]]",
+        f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+        f"config.CHECKPOINT.DIR={out}",
+    ]
+    assert launch_main(args) == 0
+    return out / "features"
+
+
+def test_extraction_on_two_processes_equals_one(tmp_path, pretrained):
+    one, two = _extract(tmp_path, "one", 1, pretrained), _extract(tmp_path, "two", 2, pretrained)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert not [p for p in two.iterdir() if p.name.startswith("rank")]  # shards merged and removed
+    for split in ("train", "test"):
+        for feat, width in (("lastCLS", 32), ("concatCLS2", 64)):
+            f1, f2 = (np.load(d / f"{split}_{feat}_features.npy") for d in (one, two))
+            assert f1.shape == (63, width) and np.allclose(f1, f2, atol=1e-6)
+            for kind in ("inds", "targets"):
+                a, b = (np.load(d / f"{split}_{feat}_{kind}.npy") for d in (one, two))
+                assert np.array_equal(a, b)
+            assert np.array_equal(np.load(one / f"{split}_{feat}_inds.npy"), np.arange(63))

@@ -1,0 +1,94 @@
+"""Convert weights between vissl_vit checkpoints and timm ``VisionTransformer`` state dicts.
+
+    python tools/convert_weights.py --to timm RUN_FOLDER_OR_FILE OUT.pth [--global-pool token|avg]
+    python tools/convert_weights.py --to vissl_vit TIMM_DEIT_DINO_OR_MOCOV3_FILE OUT.torch
+
+``--to timm`` reads any file MODEL.WEIGHTS_INIT reads (ours, VISSL's, DeiT's, DINO's, MoCo v3's) and
+writes the trunk (and a single linear classifier head, as timm's ``head``) under timm's names, for
+``timm.create_model(..., num_classes=N).load_state_dict(torch.load(OUT.pth))``. timm keeps the final
+norm of an average-pooling model under ``fc_norm`` (its ``norm`` is then an Identity): that is what
+``--global-pool avg`` writes, the default for trunks without a class token.
+
+``--to vissl_vit`` writes ``{"classy_state_dict": {"base_model": {"model": {"trunk": ..., "heads": ...}}}}``,
+which MODEL.WEIGHTS_INIT loads with its defaults (and which this tool reads back).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from vissl_vit.engine.checkpoint import atomic_save, group_model_state
+from vissl_vit.errors import UserError
+from vissl_vit.models.weights import detect_format, map_names, read_weights_file, select_state_dict
+from vissl_vit.utils.cli import cli_main, split_options
+
+USAGE = """usage: python tools/convert_weights.py --to timm|vissl_vit IN OUT [--global-pool token|avg]
+                                       [--state-dict-key KEY]
+"""
+_TIMM_HEAD = "heads.0.layers.head."
+
+
+def read_as_ours(path: str, state_dict_key: str = "classy_state_dict") -> dict[str, torch.Tensor]:
+    """Any supported weights file -> a flat state dict under our names (trunk.*, heads.N.*, ...)."""
+    sd, _ = select_state_dict(read_weights_file(path), state_dict_key)
+    fmt = detect_format(list(sd))
+    if not fmt:
+        raise UserError(f"Cannot tell the layout of {path} (keys such as {', '.join(list(sd)[:6])}).")
+    return map_names(sd, fmt)
+
+
+def to_timm(ours: dict[str, torch.Tensor], global_pool: str | None = None) -> dict[str, torch.Tensor]:
+    """Our names -> timm VisionTransformer's. Keys with no timm counterpart are left out (listed on stderr)."""
+    if global_pool is None:
+        global_pool = "token" if "trunk.cls_token" in ours else "avg"
+    out, dropped = {}, []
+    for key, value in ours.items():
+        if key.startswith("trunk."):
+            name = key[len("trunk.") :]
+            if global_pool == "avg" and name.startswith("norm."):
+                name = "fc_norm." + name[len("norm.") :]
+            out[name] = value
+        elif key.startswith(_TIMM_HEAD):
+            out["head." + key[len(_TIMM_HEAD) :]] = value
+        elif key.startswith("heads.0.clf.0.") and not any(k.startswith("heads.0.clf.1") for k in ours):
+            out["head." + key[len("heads.0.clf.0.") :]] = value  # an mlp head of one linear layer
+        else:
+            dropped.append(key)
+    if dropped:
+        print(f"left out (no timm counterpart): {len(dropped)} keys, e.g. {', '.join(dropped[:4])}", file=sys.stderr)
+    return out
+
+
+def to_vissl_vit(ours: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Our names -> a checkpoint MODEL.WEIGHTS_INIT reads with its defaults."""
+    return {"classy_state_dict": {"base_model": {"model": group_model_state(ours)}}}
+
+
+def run(argv: list[str]) -> None:
+    args, opts = split_options(
+        argv,
+        values={
+            "--to": ("to", str),
+            "--global-pool": ("global_pool", str),
+            "--state-dict-key": ("key", str),
+        },
+        switches={},
+        defaults={"to": None, "global_pool": None, "key": "classy_state_dict"},
+        usage=USAGE,
+    )
+    if opts["to"] not in ("timm", "vissl_vit") or len(args) != 2:
+        raise UserError(f"Give --to timm or --to vissl_vit, an input and an output path.\n{USAGE}")
+    if opts["global_pool"] not in (None, "token", "avg"):
+        raise UserError(f"--global-pool {opts['global_pool']}: expected token or avg.")
+    ours = read_as_ours(args[0], opts["key"])
+    out = to_timm(ours, opts["global_pool"]) if opts["to"] == "timm" else to_vissl_vit(ours)
+    atomic_save(out, args[1])
+    print(f"wrote {args[1]} ({opts['to']} layout)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    return cli_main(run, sys.argv[1:] if argv is None else argv, USAGE)
