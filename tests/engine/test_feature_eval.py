@@ -137,3 +137,27 @@ def test_extraction_on_two_processes_equals_one(tmp_path, pretrained):
                 a, b = (np.load(d / f"{split}_{feat}_{kind}.npy") for d in (one, two))
                 assert np.array_equal(a, b)
             assert np.array_equal(np.load(one / f"{split}_{feat}_inds.npy"), np.arange(63))
+
+
+def test_frozen_trunk_and_head_test_only_reproduces_the_runs_test_metrics(tmp_path, pretrained):
+    run = tmp_path / "testonly"
+    run_train_engine(
+        compose_config(
+            [
+                "config=test/quick_vit",
+                f"config.CHECKPOINT.DIR={run}",
+                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",  # SCOPE auto: the whole model
+                "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=True",
+                "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD=True",
+                "config.TEST_ONLY=True",
+            ]
+        )
+    )
+
+    def last_test(folder):
+        lines = [json.loads(line) for line in open(folder / "metrics.json")]
+        return [m for m in lines if "test_loss" in m][-1]
+
+    ours, theirs = last_test(run), last_test(pretrained)
+    assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-6)
+    assert ours["test_accuracy_list_meter"] == theirs["test_accuracy_list_meter"]

@@ -9,26 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
-
-from vissl_vit.utils.tensors import to_device
-
-
-@torch.no_grad()
-def extract_features(
-    trunk: nn.Module, loader: DataLoader, device: torch.device, feature: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] (float32, on the CPU) and labels [N] of a loader's data, in eval mode."""
-    was_training = trunk.training
-    trunk.eval()
-    feats, labels = [], []
-    for batch in loader:
-        out = trunk(to_device(batch["data"], device), [feature] if feature else None)[0]
-        feats.append(out.float().cpu())
-        labels.append(batch["label"])
-    trunk.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()

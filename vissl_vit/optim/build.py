@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vissl_vit.config.derive import DerivedValues
+from vissl_vit.errors import ConfigError
 from vissl_vit.optim.param_groups import get_param_groups
 from vissl_vit.optim.schedulers import build_param_scheduler
 from vissl_vit.registry import OPTIMIZERS
@@ -40,6 +41,11 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = get_param_groups(
         model, o.weight_decay, o.regularize_bn, o.regularize_bias, list(o.non_regularized_parameters)
     )
+    if not any(g["params"] for g in groups):
+        if not cfg.TEST_ONLY:
+            raise ConfigError("The model has no trainable parameter (all frozen): nothing to train.")
+        # TEST_ONLY of a frozen model: the trainer still holds an optimizer; it never steps
+        groups = [{"params": [nn.Parameter(torch.zeros(1))], "weight_decay": 0.0}]
     return OPTIMIZERS.get(o.name)(
         groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov, betas=list(o.betas), eps=o.eps
     )

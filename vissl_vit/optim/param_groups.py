@@ -34,7 +34,8 @@ def get_param_groups(
     reg, no_reg = [], []
     names = []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad:  # frozen: no group, but an entry naming it is not a typo
+            matched.update({o: True for o, pat in zip(non_regularized_parameters, patterns) if pat in name})
             continue
         names.append(name)
         skip = False
