@@ -41,9 +41,10 @@ def _build(overrides: list[str]) -> None:
     derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)
     model = build_model(cfg)
     build_loss(cfg)
-    build_optimizer(cfg, model)
-    sched = build_lr_scheduler(derived)
-    assert sched(0.5) >= 0.0
+    if cfg.ENGINE_NAME == "train":  # the evaluation engines train nothing
+        build_optimizer(cfg, model)
+        sched = build_lr_scheduler(derived)
+        assert sched(0.5) >= 0.0
     vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
     if vit.HIDDEN_DIM <= 128:  # a forward and a loss on the small models
         x = torch.randn(2, vit.IN_CHANNELS, vit.IMAGE_SIZE, vit.IMAGE_SIZE)
