@@ -49,3 +49,33 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
     assert ours["gflops_per_image"] == pytest.approx(timm["gflops_per_image"], rel=2e-3)
     assert r["ratio_train"] > 0 and 0 <= r["end_to_end"]["data_wait_fraction"] < 1
     assert "vissl_vit / timm: training" in capsys.readouterr().out
+
+
+def test_compiled_model_is_measured_and_its_flops_counted(tmp_path):
+    # FLOPs are counted by tracing, which a compiled module refuses: they must be taken before compiling
+    out = tmp_path / "c.json"
+    args = [
+        "config=benchmark/throughput/vit_tiny_32",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=1",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=32",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=2",
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=64",
+        "config.MODEL.HEAD.PARAMS=[[vision_transformer_head,{in_plane:32,num_classes:10}]]",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--no-timm",
+        "--no-e2e",
+        "--compile",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["compiled"] is True
+    assert r["models"]["vissl_vit"]["gflops_per_image"] > 0 and r["models"]["vissl_vit"]["train_images_per_sec"] > 0
