@@ -30,11 +30,14 @@ def _trunk_state(path) -> dict:
     return load_checkpoint(path)["classy_state_dict"]["base_model"]["model"]["trunk"]
 
 
-def test_linear_eval_trains_only_the_heads_and_reports_each(tmp_path, pretrained):
+@pytest.mark.parametrize("procs", [1, 2])  # 2: DDP over the heads only, gloo
+def test_linear_eval_trains_only_the_heads_and_reports_each(tmp_path, pretrained, procs):
     run = tmp_path / "lin"
-    run_train_engine(
-        compose_config([*LINEAR, f"config.CHECKPOINT.DIR={run}", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"])
-    )
+    args = [*LINEAR, f"config.CHECKPOINT.DIR={run}", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"]
+    if procs == 1:
+        run_train_engine(compose_config(args))
+    else:
+        assert launch_main([*args, f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}"]) == 0
     before, after = _trunk_state(find_latest(str(pretrained))), _trunk_state(find_latest(str(run)))
     assert before.keys() == after.keys()
     for k in before:
