@@ -164,3 +164,25 @@ def test_frozen_trunk_and_head_test_only_reproduces_the_runs_test_metrics(tmp_pa
     ours, theirs = last_test(run), last_test(pretrained)
     assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-6)
     assert ours["test_accuracy_list_meter"] == theirs["test_accuracy_list_meter"]
+
+
+def test_merge_orders_by_index_drops_padding_and_works_in_chunks(tmp_path):
+    from vissl_vit.engine.extract_engine import _merge, _shard, feature_file
+
+    n, world, dim = 10, 3, 4
+    feats = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    order = list(range(n)) + [0, 1]  # padded to 12 = 3 x 4, as the sampler does
+    for r in range(world):
+        mine = np.array(order[r::world])
+        np.save(_shard(str(tmp_path), r, "TRAIN", "f", "features"), feats[mine])
+        np.save(_shard(str(tmp_path), r, "TRAIN", "f", "inds"), mine)
+        np.save(_shard(str(tmp_path), r, "TRAIN", "f", "targets"), mine * 10)
+    assert _merge(str(tmp_path), "TRAIN", "f", world, chunk=3) == n
+    assert np.array_equal(np.load(feature_file(str(tmp_path), "TRAIN", "f", "features")), feats)
+    assert np.array_equal(np.load(feature_file(str(tmp_path), "TRAIN", "f", "inds")), np.arange(n))
+    assert np.array_equal(np.load(feature_file(str(tmp_path), "TRAIN", "f", "targets")), np.arange(n) * 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train_f_features.npy",
+        "train_f_inds.npy",
+        "train_f_targets.npy",
+    ]

@@ -12,6 +12,7 @@ then weighted kNN on rank 0; see NEAREST_NEIGHBOR in defaults.yaml.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -103,12 +104,30 @@ def _loader(cfg: DictConfig, split: str, rank: int, world_size: int, device: tor
     )
 
 
+def _shard(folder: str, rank: int, split: str, name: str, kind: str) -> str:
+    return os.path.join(folder, f"rank{rank}_{split.lower()}_{name}_{kind}.npy")
+
+
 @torch.no_grad()
 def _extract_split(
-    model: FeatureEvalModel, loader: DataLoader, trunk_only: bool, device: torch.device, dtype: torch.dtype | None
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    feats: list[list[torch.Tensor]] = []
-    inds, targets = [], []
+    model: FeatureEvalModel,
+    loader: DataLoader,
+    trunk_only: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    names: list[str],
+    shard: Any,
+) -> int:
+    """Write this rank's shards, streaming the features into memory-mapped .npy files (so a rank
+    never holds its share in memory); returns the number of images written.
+
+    Args:
+        shard: ``shard(name, kind)`` -> the path of one of this rank's shard files.
+    """
+    n = len(loader.sampler)
+    inds, targets = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    feats: list[np.ndarray] = []
+    pos = 0
     for batch in loader:
         if isinstance(batch["data"], (list, tuple)):
             raise UserError(
@@ -118,37 +137,55 @@ def _extract_split(
         x = to_device(batch["data"], device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model.features(x) if trunk_only else model(x)
-        if not feats:
-            feats = [[] for _ in out]
-        for acc, f in zip(feats, out):
-            acc.append(f.float().cpu())
-        inds.append(batch["index"])
-        targets.append(batch["label"])
-    if not inds:
-        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (
-        [torch.cat(f).numpy() for f in feats],
-        torch.cat(inds).numpy().astype(np.int64),
-        torch.cat(targets).numpy().astype(np.int64),
-    )
+        b = out[0].shape[0]
+        if not feats:  # the shapes are known now: one preallocated file per feature
+            feats = [
+                np.lib.format.open_memmap(shard(name, "features") + ".tmp", "w+", np.float32, (n, *f.shape[1:]))
+                for name, f in zip(names, out)
+            ]
+        for mm, f in zip(feats, out):
+            mm[pos : pos + b] = f.float().cpu().numpy()
+        inds[pos : pos + b] = batch["index"].numpy()
+        targets[pos : pos + b] = batch["label"].numpy()
+        pos += b
+    for name, mm in zip(names, feats):
+        mm.flush()
+        del mm
+        os.replace(shard(name, "features") + ".tmp", shard(name, "features"))
+    for name in names:
+        if not feats:  # no images on this rank: empty shards, so that the merge finds them
+            _save_npy(shard(name, "features"), np.zeros((0, 0), np.float32))
+        _save_npy(shard(name, "inds"), inds[:pos])
+        _save_npy(shard(name, "targets"), targets[:pos])
+    return pos
 
 
-def _merge(folder: str, split: str, name: str, world_size: int) -> int:
-    """Rank 0: join the ranks' shards in data set order, drop the padding; returns the image count."""
-    shard = {
-        (r, kind): os.path.join(folder, f"rank{r}_{split.lower()}_{name}_{kind}.npy")
-        for r in range(world_size)
-        for kind in KINDS
-    }
-    ranks = [r for r in range(world_size) if np.load(shard[r, "inds"]).size]  # ranks that had images
-    parts = {kind: [np.load(shard[r, kind]) for r in ranks] for kind in KINDS}
-    if not ranks:
+def _merge(folder: str, split: str, name: str, world_size: int, chunk: int = 65536) -> int:
+    """Rank 0: join the ranks' shards in data set order, drop the padding (repeated indices), and
+    remove the shards; returns the image count. Features are copied in chunks of rows between
+    memory-mapped files."""
+    shard = {(r, kind): _shard(folder, r, split, name, kind) for r in range(world_size) for kind in KINDS}
+    inds = [np.load(shard[r, "inds"]) for r in range(world_size)]
+    if not sum(len(i) for i in inds):
         raise UserError(f"{split} has no images to extract features from.")
-    inds = np.concatenate(parts["inds"])
-    unique, first = np.unique(inds, return_index=True)  # sorted by index; the padding repeats indices
-    for kind in KINDS:
-        merged = np.concatenate(parts[kind])[first] if kind != "inds" else unique
-        _save_npy(feature_file(folder, split, name, kind), merged)
+    offsets = np.cumsum([0] + [len(i) for i in inds])
+    unique, first = np.unique(np.concatenate(inds), return_index=True)  # sorted by image index
+    targets = np.concatenate([np.load(shard[r, "targets"]) for r in range(world_size)])[first]
+    feats = [np.load(shard[r, "features"], mmap_mode="r") for r in range(world_size)]
+    shape = next(f.shape for f in feats if len(f))
+    out_path = feature_file(folder, split, name, "features")
+    out = np.lib.format.open_memmap(out_path + ".tmp", "w+", np.float32, (len(unique), *shape[1:]))
+    for start in range(0, len(first), chunk):
+        pos = first[start : start + chunk]
+        rank_of = np.searchsorted(offsets, pos, side="right") - 1
+        for r in np.unique(rank_of):
+            rows = rank_of == r
+            out[start : start + chunk][rows] = feats[r][pos[rows] - offsets[r]]
+    out.flush()
+    del out, feats
+    os.replace(out_path + ".tmp", out_path)
+    _save_npy(feature_file(folder, split, name, "inds"), unique)
+    _save_npy(feature_file(folder, split, name, "targets"), targets)
     for path in shard.values():
         os.remove(path)
     return len(unique)
@@ -180,18 +217,9 @@ def extract_features(cfg: DictConfig, rank: int, world_size: int, device: torch.
     dtype = amp_dtype(cfg, device)
     for split in cfg.EXTRACT_FEATURES.SPLITS:
         start = time.perf_counter()
-        feats, inds, targets = _extract_split(
-            model, _loader(cfg, split, rank, world_size, device), trunk_only, device, dtype
-        )
-        for name, f in zip(names, feats):
-            if f.ndim != 2 and rank == 0:
-                logger.warning("feature %s of %s has shape %s (not flat): kNN needs [N, D]", name, split, f.shape)
-            for kind, array in zip(KINDS, (f, inds, targets)):
-                _save_npy(os.path.join(folder, f"rank{rank}_{split.lower()}_{name}_{kind}.npy"), array)
-        if not feats:  # this rank had no images: write empty shards so that the merge finds them
-            for name in names:
-                for kind in KINDS:
-                    _save_npy(os.path.join(folder, f"rank{rank}_{split.lower()}_{name}_{kind}.npy"), np.zeros(0))
+        shard = functools.partial(_shard, folder, rank, split)
+        loader = _loader(cfg, split, rank, world_size, device)
+        _extract_split(model, loader, trunk_only, device, dtype, names, shard)
         _barrier()
         if rank == 0:
             for name in names:
