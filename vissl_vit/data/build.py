@@ -53,7 +53,13 @@ def _worker_init(_: int) -> None:
 
 
 def build_dataloader(
-    cfg: DictConfig, split: str, dataset: VisslDataset, rank: int, world_size: int, device: torch.device
+    cfg: DictConfig,
+    split: str,
+    dataset: VisslDataset,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    for_extraction: bool = False,
 ) -> DataLoader:
     """The loader of one split; its sampler is ``loader.sampler`` (set_epoch / set_start_iteration).
 
@@ -64,6 +70,8 @@ def build_dataloader(
         rank: this process's rank.
         world_size: number of processes.
         device: where the model runs (pinned memory on CUDA only).
+        for_extraction: every image once in data set order (no shuffle, no dropped tail; the
+            sampler pads the last shares by repeating), collated by default_collate.
     """
     d = cfg.DATA[split]
     # the sampler skips and drops whole optimizer steps: accumulation x micro-batch
@@ -73,13 +81,13 @@ def build_dataloader(
         world_size,
         rank,
         step_batch,
-        shuffle=split == "TRAIN",
+        shuffle=split == "TRAIN" and not for_extraction,
         seed=cfg.SEED_VALUE,
-        drop_last=d.DROP_LAST,
+        drop_last=d.DROP_LAST and not for_extraction,
     )
-    collate: Any = COLLATORS.get(d.COLLATE_FUNCTION)
+    collate: Any = COLLATORS.get("default_collate" if for_extraction else d.COLLATE_FUNCTION)
     params = OmegaConf.to_container(d.COLLATE_FUNCTION_PARAMS, resolve=True)
-    if params:
+    if params and not for_extraction:
         collate = functools.partial(collate, **params)
     workers = cfg.DATA.NUM_DATALOADER_WORKERS
     return DataLoader(
@@ -89,7 +97,7 @@ def build_dataloader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
-        drop_last=d.DROP_LAST,
+        drop_last=d.DROP_LAST and not for_extraction,
         persistent_workers=workers > 0,
         prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None,

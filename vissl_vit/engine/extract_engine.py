@@ -28,9 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vissl_vit.benchmark.knn import knn_search, weighted_knn_accuracy
-from vissl_vit.data import build_dataset
-from vissl_vit.data.collators.default import default_collate
-from vissl_vit.data.sampler import ResumableDistributedSampler
+from vissl_vit.data import build_dataloader, build_dataset
 from vissl_vit.engine.parallel import amp_dtype
 from vissl_vit.engine.train_engine import get_device, seed_all
 from vissl_vit.errors import UserError
@@ -84,24 +82,6 @@ def build_extraction_model(cfg: DictConfig) -> tuple[FeatureEvalModel, list[str]
         )
     model.eval()
     return model, (names or [_default_feature(cfg)]) if trunk_only else ["heads"], trunk_only
-
-
-def _loader(cfg: DictConfig, split: str, rank: int, world_size: int, device: torch.device) -> DataLoader:
-    dataset = build_dataset(cfg, split)
-    d = cfg.DATA[split]
-    sampler = ResumableDistributedSampler(
-        len(dataset), world_size, rank, d.BATCHSIZE_PER_REPLICA, shuffle=False, seed=cfg.SEED_VALUE, drop_last=False
-    )
-    workers = cfg.DATA.NUM_DATALOADER_WORKERS
-    return DataLoader(
-        dataset,
-        batch_size=d.BATCHSIZE_PER_REPLICA,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=default_collate,
-        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
-        prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None,
-    )
 
 
 def _shard(folder: str, rank: int, split: str, name: str, kind: str) -> str:
@@ -218,7 +198,7 @@ def extract_features(cfg: DictConfig, rank: int, world_size: int, device: torch.
     for split in cfg.EXTRACT_FEATURES.SPLITS:
         start = time.perf_counter()
         shard = functools.partial(_shard, folder, rank, split)
-        loader = _loader(cfg, split, rank, world_size, device)
+        loader = build_dataloader(cfg, split, build_dataset(cfg, split), rank, world_size, device, for_extraction=True)
         _extract_split(model, loader, trunk_only, device, dtype, names, shard)
         _barrier()
         if rank == 0:
