@@ -10,20 +10,24 @@ The Python API mirrors the command line::
     dataset = build_dataset(cfg, "TRAIN")
     optimizer = build_optimizer(cfg, model)
 
-``run_train_engine(compose_config([...]))`` runs a whole training in this process.
+``run_train_engine(compose_config([...]))`` runs a whole training in this process;
+``apply_weights_init(model, cfg)`` loads MODEL.WEIGHTS_INIT into a built model, and
+``run_extract_features_engine`` / ``run_nearest_neighbor_engine`` are the evaluation engines.
 """
 
 from vissl_vit.config import compose_config, derive_run_values
 from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
 from vissl_vit.engine.train_engine import run_train_engine
 from vissl_vit.losses import build_loss
 from vissl_vit.meters import build_meter
-from vissl_vit.models import build_model
+from vissl_vit.models import apply_weights_init, build_model
 from vissl_vit.optim import build_lr_scheduler, build_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply_weights_init",
     "build_dataloader",
     "build_dataset",
     "build_loss",
@@ -33,5 +37,7 @@ __all__ = [
     "build_optimizer",
     "compose_config",
     "derive_run_values",
+    "run_extract_features_engine",
+    "run_nearest_neighbor_engine",
     "run_train_engine",
 ]
