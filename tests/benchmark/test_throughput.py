@@ -24,13 +24,13 @@ def test_attention_flops_are_counted_by_formula():
     assert with_attention - without == layers * 4 * L * L * D
 
 
-def test_tiny_run_reports_every_figure(tmp_path, capsys):
-    out = tmp_path / "r.json"
+def _tiny_run(out, batch: int, *extra: str) -> dict:
+    """The benchmark of the tiny throughput config, one step per figure; returns its JSON."""
     args = [
         "config=benchmark/throughput/vit_tiny_32",
-        "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=2",
+        *extra,
         "--batch-size",
-        "8",
+        str(batch),
         "--steps",
         "1",
         "--warmup",
@@ -41,7 +41,11 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
         str(out),
     ]
     assert main(args) == 0
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_tiny_run_reports_every_figure(tmp_path, capsys):
+    r = _tiny_run(tmp_path / "r.json", 8, "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=2")
     assert set(r["models"]) == {"vissl_vit", "timm"}
     ours, timm = r["models"]["vissl_vit"], r["models"]["timm"]
     assert ours["train_images_per_sec"] > 0 and ours["infer_images_per_sec"] > 0
@@ -53,29 +57,17 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
 
 def test_compiled_model_is_measured_and_its_flops_counted(tmp_path):
     # FLOPs are counted by tracing, which a compiled module refuses: they must be taken before compiling
-    out = tmp_path / "c.json"
-    args = [
-        "config=benchmark/throughput/vit_tiny_32",
+    r = _tiny_run(
+        tmp_path / "c.json",
+        4,
         "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=1",
         "config.MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=32",
         "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=2",
         "config.MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=64",
         "config.MODEL.HEAD.PARAMS=[[vision_transformer_head,{in_plane:32,num_classes:10}]]",
-        "--batch-size",
-        "4",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--repeats",
-        "1",
         "--no-timm",
         "--no-e2e",
         "--compile",
-        "--json",
-        str(out),
-    ]
-    assert main(args) == 0
-    r = json.loads(out.read_text())
+    )
     assert r["compiled"] is True
     assert r["models"]["vissl_vit"]["gflops_per_image"] > 0 and r["models"]["vissl_vit"]["train_images_per_sec"] > 0

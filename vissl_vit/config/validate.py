@@ -205,7 +205,9 @@ ENGINES = ("train", "extract_features", "nearest_neighbor")
 
 def _check_feature_eval(cfg: DictConfig) -> None:
     """FEATURE_EVAL_SETTINGS, WEIGHTS_INIT, EXTRACT_FEATURES and NEAREST_NEIGHBOR."""
+    from vissl_vit.models.feature_eval import feature_names
     from vissl_vit.models.trunks.vision_transformer import feature_width
+    from vissl_vit.models.weights import FORMATS
 
     if cfg.ENGINE_NAME not in ENGINES:
         raise ConfigError(f"config.ENGINE_NAME='{cfg.ENGINE_NAME}': expected one of {', '.join(ENGINES)}.")
@@ -224,9 +226,8 @@ def _check_feature_eval(cfg: DictConfig) -> None:
     if fe.FREEZE_TRUNK_AND_HEAD and not frozen_engine and not cfg.TEST_ONLY:
         raise ConfigError(f"{where}.FREEZE_TRUNK_AND_HEAD=True leaves nothing to train: use it with TEST_ONLY=True.")
     w = cfg.MODEL.WEIGHTS_INIT
-    formats = ("auto", "vissl_vit", "vissl", "timm", "deit", "dino", "mocov3")
-    if w.FORMAT not in formats:
-        raise ConfigError(f"config.MODEL.WEIGHTS_INIT.FORMAT='{w.FORMAT}': expected one of {', '.join(formats)}.")
+    if w.FORMAT not in FORMATS:
+        raise ConfigError(f"config.MODEL.WEIGHTS_INIT.FORMAT='{w.FORMAT}': expected one of {', '.join(FORMATS)}.")
     if w.SCOPE not in ("auto", "trunk", "model"):
         raise ConfigError(f"config.MODEL.WEIGHTS_INIT.SCOPE='{w.SCOPE}': expected auto, trunk or model.")
     uses_features = frozen_engine and not cfg.NEAREST_NEIGHBOR.FEATURES_DIR
@@ -238,7 +239,7 @@ def _check_feature_eval(cfg: DictConfig) -> None:
         )
 
     entries = [[e] if isinstance(e, str) else list(e) for e in fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP]
-    names = [e[0] if e else "" for e in entries]
+    names = feature_names(entries)
     vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
     widths = []
     for i, name in enumerate(names):

@@ -33,7 +33,7 @@ from vissl_vit.engine.parallel import amp_dtype
 from vissl_vit.engine.train_engine import get_device, seed_all
 from vissl_vit.errors import UserError
 from vissl_vit.models import apply_weights_init, build_model
-from vissl_vit.models.feature_eval import FeatureEvalModel, parse_pool_ops_map
+from vissl_vit.models.feature_eval import FeatureEvalModel, feature_names, parse_pool_ops_map
 from vissl_vit.utils.logging import setup_logging
 from vissl_vit.utils.tensors import to_device
 
@@ -279,10 +279,7 @@ def run_nearest_neighbor_engine(
     cfg, run_dir, device = _setup(cfg_root, rank, local_rank)
     if cfg.NEAREST_NEIGHBOR.FEATURES_DIR:
         folder = os.path.abspath(cfg.NEAREST_NEIGHBOR.FEATURES_DIR)
-        names = [
-            e if isinstance(e, str) else e[0]
-            for e in OmegaConf.to_container(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP)
-        ] or [_default_feature(cfg)]
+        names = feature_names(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP) or [_default_feature(cfg)]
     else:
         folder, names = extract_features(cfg, rank, world_size, device)
     if rank != 0:

@@ -3,12 +3,9 @@
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.meters import accuracy_list_meter  # noqa: F401  (registration)
+from vissl_vit.models.feature_eval import feature_names
 from vissl_vit.registry import METERS
 from vissl_vit.utils.kwargs import call_with_kwargs
-
-
-def _eval_features(cfg: DictConfig) -> list:
-    return OmegaConf.to_container(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP, resolve=True)
 
 
 def build_meter(cfg: DictConfig):
@@ -20,7 +17,7 @@ def build_meter(cfg: DictConfig):
     fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
     if name == "accuracy_list_meter" and fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY and not kwargs.get("meter_names"):
         # linear eval: one meter per head, named after the feature it reads
-        feats = [e if isinstance(e, str) else e[0] for e in _eval_features(cfg)]
+        feats = feature_names(fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP)
         if len(feats) == kwargs.get("num_meters", 1):
             kwargs["meter_names"] = feats
     return call_with_kwargs(METERS.get(name), kwargs, f"config.METERS.{name}")

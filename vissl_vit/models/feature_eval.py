@@ -18,6 +18,11 @@ from vissl_vit.errors import ConfigError
 from vissl_vit.models.model import TrunkHeadModel
 
 
+def feature_names(entries: Any) -> list[str]:
+    """The feature names of LINEAR_EVAL_FEAT_POOL_OPS_MAP entries (``[name, ...]`` or a bare name)."""
+    return [e if isinstance(e, str) else e[0] for e in entries]
+
+
 def parse_pool_ops_map(entries: list[Any]) -> tuple[list[str], list[nn.Module]]:
     """LINEAR_EVAL_FEAT_POOL_OPS_MAP -> (feature names, pool modules).
 

@@ -152,8 +152,9 @@ def select_state_dict(obj: Any, key_name: Any) -> tuple[dict[str, torch.Tensor],
                 ) from None
             return _flatten(model), "classy_state_dict.base_model.model"
         for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), dict) and _flatten(obj[key]):
-                return _flatten(obj[key]), f"'{key}' (no classy_state_dict in the file)"
+            inner = _flatten(obj[key]) if isinstance(obj.get(key), dict) else {}
+            if inner:
+                return inner, f"'{key}' (no classy_state_dict in the file)"
         return _flatten(obj), "the file itself (no classy_state_dict in the file)"
     node: Any = obj
     for i, key in enumerate(path):
@@ -311,12 +312,12 @@ def load_weights(
                 report.mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(target.shape)}")
                 continue
         to_load[key] = value
+    mismatched_keys = {m.split(":", 1)[0] for m in report.mismatched}  # reported as such, not as missing
     report.missing = [
-        k for k in own if k.startswith(prefix) and k not in to_load and not _matches(k, list(skip_layers))
+        k
+        for k in own
+        if k.startswith(prefix) and k not in to_load and k not in mismatched_keys and not _matches(k, list(skip_layers))
     ]
-    # a key reported as mismatched is not also missing
-    mismatched_keys = {m.split(":", 1)[0] for m in report.mismatched}
-    report.missing = [k for k in report.missing if k not in mismatched_keys]
     problems = _problems(report, list(own))
     if problems and strict:
         raise UserError(
