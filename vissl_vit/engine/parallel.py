@@ -13,11 +13,43 @@ from vissl_vit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively, and what it reports.
+
+    Native means AVX512-BF16 or AMX tiles (torch's oneDNN kernels use them for bf16 matmuls);
+    without them autocast to bfloat16 is emulated with float32 conversions and runs slower than
+    plain float32 (measured in benchmarks/README.md on an AVX2-only CPU).
+    """
+    cpu = torch.cpu
+    flags = {
+        "AVX512-BF16": getattr(cpu, "_is_avx512_bf16_supported", lambda: False)(),
+        "AMX": getattr(cpu, "_is_amx_tile_supported", lambda: False)(),
+    }
+    found = [name for name, ok in flags.items() if ok]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if found:
+        return True, f"the CPU reports {' and '.join(found)} (capability {capability})"
+    return False, f"the CPU reports no AVX512-BF16 or AMX (capability {capability})"
+
+
+def _auto_dtype(device: torch.device) -> tuple[str, str]:
+    """AMP_ARGS.dtype=auto -> (dtype name, why)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
+        return "float16", f"{torch.cuda.get_device_name(device)} has no bfloat16: float16 with loss scaling"
+    native, why = cpu_native_bf16()
+    if native:
+        return "bfloat16", why
+    return "float32", why + ": bfloat16 would be emulated and slower, so autocast stays off"
 
 
 def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """MODEL.AMP_PARAMS -> the autocast dtype, or None when AMP is off."""
+    """MODEL.AMP_PARAMS -> the autocast dtype, or None for full precision (AMP off, or
+    ``dtype: auto`` on a device without native bfloat16 or float16 support)."""
     amp = cfg.MODEL.AMP_PARAMS
     if not amp.USE_AMP:
         return None
@@ -26,11 +58,16 @@ def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     elif amp.AMP_TYPE != "pytorch":
         raise ConfigError(f"config.MODEL.AMP_PARAMS.AMP_TYPE='{amp.AMP_TYPE}': expected pytorch or apex.")
     name = amp.AMP_ARGS.dtype
+    if name not in (*_DTYPES, "auto"):
+        raise ConfigError(
+            f"config.MODEL.AMP_PARAMS.AMP_ARGS.dtype='{name}': expected auto, bfloat16, float16 or float32."
+        )
     if name == "auto":
-        bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-        name = "bfloat16" if bf16 else "float16"
-    if name not in _DTYPES:
-        raise ConfigError(f"config.MODEL.AMP_PARAMS.AMP_ARGS.dtype='{name}': expected bfloat16, float16 or auto.")
+        name, why = _auto_dtype(device)
+        logger.info("Mixed precision (AMP_ARGS.dtype=auto): %s, because %s", name, why)
+    if name == "float32":
+        logger.info("Mixed precision: off, training in float32")
+        return None
     logger.info("Mixed precision: autocast to %s%s", name, " with loss scaling" if name == "float16" else "")
     return _DTYPES[name]
 

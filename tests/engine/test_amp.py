@@ -1,0 +1,53 @@
+"""AMP_ARGS.dtype=auto decides the precision from what the device reports."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vissl_vit.config import compose_config
+from vissl_vit.engine.parallel import amp_dtype, cpu_native_bf16
+from vissl_vit.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def _cfg(*overrides: str):
+    return compose_config(["config=test/quick_vit", "config.MODEL.AMP_PARAMS.USE_AMP=True", *overrides]).config
+
+
+def _fake_cpu(monkeypatch, bf16: bool, amx: bool = False) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(("bf16", "amx"), [(True, False), (False, True), (True, True)])
+def test_auto_is_bfloat16_on_a_cpu_with_native_bf16(monkeypatch, caplog, bf16, amx):
+    _fake_cpu(monkeypatch, bf16, amx)
+    with caplog.at_level(logging.INFO, logger="vissl_vit"):
+        assert amp_dtype(_cfg(), CPU) is torch.bfloat16
+    assert "AMP_ARGS.dtype=auto): bfloat16, because the CPU reports" in caplog.text
+
+
+def test_auto_is_float32_on_a_cpu_without_it_and_says_why(monkeypatch, caplog):
+    _fake_cpu(monkeypatch, False)
+    with caplog.at_level(logging.INFO, logger="vissl_vit"):
+        assert amp_dtype(_cfg(), CPU) is None
+    assert "no AVX512-BF16 or AMX" in caplog.text and "autocast stays off" in caplog.text
+    assert cpu_native_bf16()[0] is False
+
+
+def test_a_named_dtype_is_forced_whatever_the_cpu(monkeypatch):
+    _fake_cpu(monkeypatch, False)
+    assert amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=bfloat16"), CPU) is torch.bfloat16
+    assert amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=float16"), CPU) is torch.float16
+    _fake_cpu(monkeypatch, True)
+    assert amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=float32"), CPU) is None
+    assert amp_dtype(_cfg("config.MODEL.AMP_PARAMS.USE_AMP=False"), CPU) is None  # AMP off stays off
+
+
+def test_an_unknown_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="expected auto, bfloat16, float16 or float32"):
+        amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=fp8"), CPU)
