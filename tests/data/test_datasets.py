@@ -139,3 +139,36 @@ def test_unknown_transform_and_bad_arguments():
     cfg = compose_config(["config=test/quick_vit", "config.DATA.TRAIN.TRANSFORMS=[{name: RandomCrop, sise: 8}]"]).config
     with pytest.raises(ConfigError, match=r"TRANSFORMS\[0\] 'RandomCrop': unknown argument 'sise'"):
         build_dataset(cfg, "TRAIN")
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    make_folder(tmp_path, classes=("ant", "cat", "zebra"))
+    for p in (tmp_path / "cat").iterdir():
+        p.unlink()
+    (tmp_path / "cat" / "notes.txt").write_text("no images here")  # not an image: still empty
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(DataError, match=r"the class folder\(s\) 'bird', 'cat' under .* hold no images"):
+        FolderSource(str(tmp_path))
+
+
+def test_file_list_whose_paths_are_all_missing_is_refused(tmp_path):
+    np.save(tmp_path / "files.npy", np.array([f"/nowhere/img{i}.jpg" for i in range(100)]))
+    with pytest.raises(DataError, match=r"none of the image paths in .*files.npy' exists \(32 spread over the list"):
+        FileListSource(str(tmp_path / "files.npy"), None, mmap=False)
+    paths = make_folder(tmp_path / "imgs")  # one existing path among missing ones is a bad-image matter
+    np.save(tmp_path / "some.npy", np.array(["/nowhere/a.jpg", paths[0], "/nowhere/b.jpg"]))
+    assert len(FileListSource(str(tmp_path / "some.npy"), None, mmap=False)) == 3
+
+
+@pytest.mark.timeout(60)  # without the check, reading the FIFO blocks forever
+def test_fifo_named_like_an_image_is_an_unreadable_image(tmp_path):
+    paths = make_folder(tmp_path)
+    fifo = tmp_path / "cat" / "1a.jpg"  # sorts after cat/1.png
+    os.mkfifo(fifo)
+    src = FolderSource(str(tmp_path))
+    ds = VisslDataset([src], transform=None)
+    i = [src.describe(k) for k in range(len(src))].index(str(fifo))
+    sample = ds[(i, 0)]
+    assert sample["bad"] == 1 and sample["bad_path"] == str(fifo)
+    assert sample["data"].getpixel((0, 0)) == (2, 2, 2)  # cat/2.png took its place
+    assert len(paths) == 6

@@ -217,3 +217,47 @@ def test_converter_round_trip_with_timm(tmp_path):
         assert torch.allclose(back(x), ref(x), atol=1e-6)
         assert torch.allclose(ours(x)[0], ref(x), atol=1e-5)
     assert convert_main(["--to", "onnx", "a", "b"]) == 2
+
+
+class _RunsCode:
+    """Unpickling this object calls os.system: it creates ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _planted_file(tmp_path, marker):
+    """Real timm weights with an object that runs code, as a planted or doctored file would hold."""
+    path = tmp_path / "planted.pth"
+    torch.save({"model": _timm().state_dict(), "args": _RunsCode(str(marker))}, path)
+    return path
+
+
+def test_weights_file_that_would_run_code_is_refused_unless_allowed(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = _planted_file(tmp_path, marker)
+    with pytest.raises(UserError) as e:
+        _our_model(tmp_path, path)
+    assert not marker.exists()  # refused before any of its code ran (the old retry ran it, then warned)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "system" in msg
+    assert "config.MODEL.WEIGHTS_INIT.ALLOW_PICKLE_CODE_EXECUTION=True" in msg
+    ours, _ = _our_model(tmp_path, path, "config.MODEL.WEIGHTS_INIT.ALLOW_PICKLE_CODE_EXECUTION=True")
+    assert marker.exists() and torch.equal(ours.trunk.cls_token, _timm().cls_token)
+
+
+def test_converter_refuses_a_file_that_would_run_code_unless_allowed(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    path, out = _planted_file(tmp_path, marker), tmp_path / "ours.torch"
+    assert convert_main(["--to", "vissl_vit", str(path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+    assert "pass --allow-pickle-code-execution" in err and "Traceback" not in err
+    assert convert_main(["--to", "vissl_vit", "--allow-pickle-code-execution", str(path), str(out)]) == 0
+    assert marker.exists()
+    torch.load(out, weights_only=True)  # the converted file is plain: it loads without the opt-in

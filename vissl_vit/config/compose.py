@@ -23,7 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config.paths import configs_dir, defaults_path, list_configs
-from vissl_vit.config.validate import check_cross_keys, check_source, coerce_override
+from vissl_vit.config.validate import check_cross_keys, check_environment, check_source, coerce_override
 from vissl_vit.errors import ConfigError, closest
 
 USAGE = (
@@ -52,7 +52,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(path: Path) -> dict[str, Any]:
     """Load a config file in VISSL's format (a top-level ``config:`` mapping)."""
     try:
-        with open(path) as f:
+        raw = path.read_bytes()
+        raw.decode("utf-8")  # whatever the locale: a traceback from deep in the YAML reader otherwise
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8."
+        ) from None
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
@@ -132,4 +140,5 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         value = coerce_override(key, value, defaults, source=f"the override '{line}'")
         OmegaConf.update(cfg, key, value, merge=isinstance(value, dict))
     check_cross_keys(cfg.config)
+    check_environment(cfg.config)
     return cfg

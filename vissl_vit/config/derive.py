@@ -85,6 +85,32 @@ def scale_schedule(spec: dict[str, Any], factor: float) -> dict[str, Any]:
     return out
 
 
+def schedule_values(spec: dict[str, Any], where: str) -> list[tuple[str, float]]:
+    """Every value of a schedule spec with the key it came from, e.g. ``("...lr.values[1]", 0.01)``."""
+    out: list[tuple[str, float]] = []
+    for key in _VALUE_KEYS:
+        if key in spec:
+            vals = spec[key] if isinstance(spec[key], list) else [spec[key]]
+            names = (
+                [f"{where}.{key}[{i}]" for i in range(len(vals))] if isinstance(spec[key], list) else [f"{where}.{key}"]
+            )
+            out += list(zip(names, vals))
+    for i, sub in enumerate(spec.get("schedulers", [])):
+        out += schedule_values(sub, f"{where}.schedulers[{i}]")
+    return out
+
+
+def lr_scale_factor(cfg: DictConfig) -> float:
+    """Auto LR scaling's factor (global batch / base_lr_batch_size, or its sqrt); 1 when off."""
+    auto = cfg.OPTIMIZER.param_schedulers.lr.auto_lr_scaling
+    if not auto.auto_scale:
+        return 1.0
+    world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
+    global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world * cfg.OPTIMIZER.grad_accumulation_steps
+    ratio = global_batch / auto.base_lr_batch_size
+    return ratio if auto.scaling_type == "linear" else math.sqrt(ratio)
+
+
 def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues:
     """Compute world size, global batch, iterations and the (auto-scaled) LR schedule, and log them.
 
@@ -112,10 +138,8 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     lr_cfg = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True)
     spec = schedule_spec(lr_cfg, "config.OPTIMIZER.param_schedulers.lr")
     auto = lr_cfg["auto_lr_scaling"]
-    factor = 1.0
+    factor = lr_scale_factor(cfg)
     if auto["auto_scale"]:
-        ratio = global_batch / auto["base_lr_batch_size"]
-        factor = ratio if auto["scaling_type"] == "linear" else math.sqrt(ratio)
         spec = scale_schedule(spec, factor)
     derived = DerivedValues(
         world_size=world,

@@ -8,6 +8,7 @@ entries of lists. A ``LOSS.<TorchLossName>`` mapping is allowed for torch.nn los
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from omegaconf import DictConfig
@@ -124,6 +125,7 @@ def check_cross_keys(cfg: DictConfig) -> None:
     Args:
         cfg: the ``config`` node of a composed config.
     """
+    _check_ranges(cfg)  # first: the rules below divide by batch sizes, patch sizes and head counts
     vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
     prefix = "config.MODEL.TRUNK.VISION_TRANSFORMERS"
     if vit.IMAGE_SIZE % vit.PATCH_SIZE:
@@ -194,8 +196,7 @@ def check_cross_keys(cfg: DictConfig) -> None:
                 f"{sum(sched.lengths):g}; they must add up to 1."
             )
     _check_ssl_losses(cfg)
-    if cfg.DISTRIBUTED.NUM_NODES < 1 or cfg.DISTRIBUTED.NUM_PROC_PER_NODE < 1:
-        raise ConfigError("config.DISTRIBUTED.NUM_NODES and NUM_PROC_PER_NODE must be at least 1.")
+    _check_lr_values(cfg)
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
 
@@ -359,3 +360,165 @@ def _check_ssl_losses(cfg: DictConfig) -> None:
                 f"config.LOSS.swav_loss.crops_for_assign={list(s.crops_for_assign)} names crops beyond "
                 f"num_crops={s.num_crops}."
             )
+
+
+# The largest learning rate taken as meant: sgd and adamw train with values of 1e-5 to ~10 (large
+# batches with linear scaling); beyond this it is a typo (1e39 also overflows float32 to inf).
+MAX_LR = 1000.0
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Values that must be positive, non-negative or finite (issue 10: each was a traceback or a
+    silent no-op)."""
+    for split in ("TRAIN", "TEST"):
+        b = cfg.DATA[split].BATCHSIZE_PER_REPLICA
+        if b < 1:
+            raise ConfigError(f"config.DATA.{split}.BATCHSIZE_PER_REPLICA={b}: expected at least 1 image per process.")
+    workers = cfg.DATA.NUM_DATALOADER_WORKERS
+    if workers < 0:
+        raise ConfigError(
+            f"config.DATA.NUM_DATALOADER_WORKERS={workers}: expected 0 (load in the main process) or more workers."
+        )
+    if cfg.DATA.PREFETCH_FACTOR < 1:
+        raise ConfigError(f"config.DATA.PREFETCH_FACTOR={cfg.DATA.PREFETCH_FACTOR}: expected at least 1.")
+    fraction = cfg.DATA.MAX_BAD_IMAGE_FRACTION
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"config.DATA.MAX_BAD_IMAGE_FRACTION={fraction}: expected a fraction in [0, 1].")
+    if cfg.DISTRIBUTED.NUM_NODES < 1 or cfg.DISTRIBUTED.NUM_PROC_PER_NODE < 1:
+        raise ConfigError("config.DISTRIBUTED.NUM_NODES and NUM_PROC_PER_NODE must be at least 1.")
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    for key in ("IMAGE_SIZE", "PATCH_SIZE", "IN_CHANNELS", "NUM_LAYERS", "NUM_HEADS", "HIDDEN_DIM", "MLP_DIM"):
+        if vit[key] < 1:
+            raise ConfigError(f"config.MODEL.TRUNK.VISION_TRANSFORMERS.{key}={vit[key]}: expected at least 1.")
+    o = cfg.OPTIMIZER
+    epochs = o.num_epochs
+    if epochs < 0 or (epochs == 0 and cfg.ENGINE_NAME == "train" and not cfg.TEST_ONLY):
+        raise ConfigError(
+            f"config.OPTIMIZER.num_epochs={epochs}: expected at least 1 epoch to train "
+            "(config.TEST_ONLY=True tests without training)."
+        )
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise ConfigError(f"config.OPTIMIZER.weight_decay={o.weight_decay}: expected a finite value >= 0 (0 for none).")
+    auto = o.param_schedulers.lr.auto_lr_scaling
+    if auto.auto_scale and auto.base_lr_batch_size < 1:
+        raise ConfigError(
+            f"config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_lr_batch_size={auto.base_lr_batch_size}: "
+            "expected at least 1."
+        )
+
+
+def _check_lr(key: str, value: Any, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r}{note}: a learning rate is a number.")
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ConfigError(
+            f"{key}={value}{note}: not a finite float32 number; expected a learning rate in [0, {MAX_LR:g}]."
+        )
+    if value < 0:
+        raise ConfigError(f"{key}={value}{note}: a negative learning rate climbs the loss; expected [0, {MAX_LR:g}].")
+    if value > MAX_LR:
+        raise ConfigError(
+            f"{key}={value:g}{note}: an absurd learning rate (usual values: 1e-5 to 10); expected [0, {MAX_LR:g}]."
+        )
+
+
+def _check_lr_values(cfg: DictConfig) -> None:
+    """Every value of the lr schedule, as written and after auto LR scaling."""
+    from omegaconf import OmegaConf
+
+    from vissl_vit.config.derive import lr_scale_factor, scale_schedule, schedule_spec, schedule_values
+
+    where = "config.OPTIMIZER.param_schedulers.lr"
+    spec = schedule_spec(OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True), where)
+    for key, value in schedule_values(spec, where):
+        _check_lr(key, value)
+    factor = lr_scale_factor(cfg)
+    if factor != 1.0:
+        note = f" after auto_lr_scaling (x {factor:g})"
+        for key, value in schedule_values(scale_schedule(spec, factor), where):
+            _check_lr(key, value, note)
+
+
+def check_run_folder(path: str, key: str) -> None:
+    """Refuse a run folder that cannot be made or written, before any process starts.
+
+    Args:
+        path: the folder (absolute, or relative to the working directory).
+        key: its config key, for the message.
+    """
+    if not path.strip():
+        raise ConfigError(
+            f"{key} is empty: give the run folder (e.g. ./checkpoints/my_run); '' would write into '{os.getcwd()}'."
+        )
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.lexists(existing):  # the nearest existing folder above: makedirs starts there
+        existing = os.path.dirname(existing)
+    if not os.path.exists(existing):
+        raise ConfigError(
+            f"{key}='{path}': '{existing}' is a broken symbolic link; point it at a folder or choose another path."
+        )
+    if not os.path.isdir(existing):
+        if existing == full:
+            raise ConfigError(f"{key}='{path}' is a file, not a folder: choose a folder for the run.")
+        raise ConfigError(
+            f"{key}='{path}' lies under '{existing}', which is a file, not a folder: choose another path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder is" if existing == full else f"it would be made in '{existing}', which is"
+        raise ConfigError(f"{key}='{path}': {what} not writable by this user; choose a writable folder.")
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM, or None where the OS does not say (non-Linux)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_fits_memory(cfg: DictConfig, memory: int | None = None) -> None:
+    """Refuse a model whose weights (+ gradients and optimizer state when training) could not fit
+    in this machine's memory, before building it: every process builds the whole model in host
+    memory first, and an absurd size (NUM_LAYERS=100000) would allocate until the OS kills it.
+
+    Args:
+        cfg: the ``config`` node.
+        memory: bytes available; this machine's physical memory by default.
+    """
+    from vissl_vit.models.build import estimate_num_params
+
+    memory = physical_memory_bytes() if memory is None else memory
+    if not memory:
+        return
+    n = estimate_num_params(cfg)
+    copies = 1  # float32 weights
+    training = cfg.ENGINE_NAME == "train" and not cfg.TEST_ONLY
+    if training:
+        o = cfg.OPTIMIZER
+        state = 2 if o.name == "adamw" else int(o.momentum != 0)
+        copies += 1 + state  # gradients, optimizer state
+    need = 4 * n * copies
+    if need > memory:
+        vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+        parts = "weights, gradients and optimizer state" if training else "weights"
+        count = f"{n / 1e9:.3g} billion" if n >= 1e9 else f"{n / 1e6:.3g} million"
+        raise ConfigError(
+            f"The model would have about {count} parameters (config.MODEL.TRUNK.VISION_TRANSFORMERS "
+            f"NUM_LAYERS={vit.NUM_LAYERS}, HIDDEN_DIM={vit.HIDDEN_DIM}, MLP_DIM={vit.MLP_DIM}): about "
+            f"{need / 2**30:,.1f} GiB for its {parts}, more than this machine's {memory / 2**30:,.1f} GiB of memory."
+        )
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """Checks against this machine, after the config rules: the run folders can be written, the
+    model fits in memory.
+
+    Args:
+        cfg: the ``config`` node of a composed config.
+    """
+    check_run_folder(cfg.CHECKPOINT.DIR, "config.CHECKPOINT.DIR")
+    if cfg.ENGINE_NAME != "train" and cfg.EXTRACT_FEATURES.OUTPUT_DIR:
+        check_run_folder(cfg.EXTRACT_FEATURES.OUTPUT_DIR, "config.EXTRACT_FEATURES.OUTPUT_DIR")
+    check_model_fits_memory(cfg)

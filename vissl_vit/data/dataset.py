@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vissl_vit.data.datasets.base import ImageSource
+from vissl_vit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class VisslDataset(Dataset):
                     bad_path = source.describe(i)
                     logger.warning("Unreadable image %s (%s: %s); using the next one", bad_path, type(e).__name__, e)
         else:
-            raise RuntimeError("no image of the data set could be read")
+            raise DataError(f"No image of the data set could be read (the first one tried: {bad_path}).")
         data = self._transform(img, seed)
         return {
             "data": data,

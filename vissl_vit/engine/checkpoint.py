@@ -4,7 +4,11 @@ Layout (VISSL's, so VISSL tools read it, plus the trainer's state)::
 
     {"classy_state_dict": {"base_model": {"model": {"trunk": ..., "heads": ...}, "meta": {}},
                            "optimizer": ..., "loss": ..., "train_phase_idx": epoch, "iteration": it},
-     "iteration": it, "epoch": epoch, "rng": {...}, "hooks": {...}, "version": 1}
+     "iteration": it, "epoch": epoch, "rng_per_rank": [{...} per rank], "loss_per_rank": [...],
+     "config_yaml": "...", "hooks": {...}, "version": 2}
+
+Everything in it is plain data (tensors, containers, numbers, strings): it loads with
+``torch.load(weights_only=True)``, so resuming runs no code from the file.
 """
 
 from __future__ import annotations
@@ -21,47 +25,128 @@ import numpy as np
 import torch
 
 from vissl_vit.errors import UserError
+from vissl_vit.utils.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
 LATEST = "checkpoint.torch"
 _NAME_RE = re.compile(r"^model_(phase|iteration)(\d+)\.torch$")
-VERSION = 1
+VERSION = 2  # 2: per-rank RNG and loss states, the config, plain numpy RNG state
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG's state, so that dropout and drop-path continue exactly after a resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state, so that dropout and drop-path continue exactly after a resume.
+
+    Plain values only (tensors, tuples, ints), so that ``torch.load(weights_only=True)`` reads it:
+    numpy's state is stored as its parts, the key array as an int64 tensor.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`; also reads the state of older checkpoints (numpy's as a tuple)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        keys = npy["keys"].numpy().astype(np.uint32)
+        npy = (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception (torch.save reports a full disk as a RuntimeError whose
+    context is the OSError), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
-    A crash (or kill -9) at any moment leaves either the old file or the new one, never a part.
+
+def _fsync_folder(folder: str) -> None:
+    """fsync a folder, so that a rename in it survives a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str, note: str = "") -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    A crash (or kill -9) at any moment leaves either the old file or the new one, never a part; a
+    temporary file a kill -9 leaves behind is removed by :func:`remove_stale_tmp_files`.
+    The file gets the usual permissions (0666 less the umask, as ``open`` gives), not mkstemp's 0600.
+
+    Args:
+        obj: what to save.
+        path: the destination.
+        note: added to the error message when the write fails (e.g. which checkpoint is intact).
+
+    Raises:
+        UserError: the write failed (disk full, permissions, ...); ``path`` is untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".torch", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".torch", dir=folder)
+    except OSError as e:
+        raise UserError(f"Could not write {path}: {e.strerror or e}{note}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with open(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
+    except Exception as e:  # noqa: BLE001  one message instead of torch's chained tracebacks
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        err = _os_error(e)
+        if err is None:
+            raise
+        raise UserError(f"Could not write {path}: {err.strerror or err}{note}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Remove the temporary files a killed run left in its run folder; returns their names.
+
+    Call only while this run holds the run folder (at the start of a run, on rank 0): any
+    temporary file then belongs to a process that died before renaming it.
+    """
+    stale = sorted(glob.glob(os.path.join(folder, ".tmp_*")) + glob.glob(os.path.join(folder, ".*.tmp")))
+    for path in stale:
+        os.remove(path)
+    if stale:
+        names = [os.path.basename(p) for p in stale]
+        logger.info("Removed %d temporary files left by an interrupted run: %s", len(names), ", ".join(names))
+    return [os.path.basename(p) for p in stale]
 
 
 def _point_latest(folder: str, name: str) -> None:
@@ -82,7 +167,9 @@ def list_checkpoints(folder: str) -> list[str]:
 def save_checkpoint(folder: str, name: str, state: dict[str, Any], keep_last: int) -> str:
     """Write ``folder/name`` atomically, point checkpoint.torch at it, prune to ``keep_last`` (-1: all)."""
     path = os.path.join(folder, name)
-    atomic_save(state, path)
+    previous = find_latest(folder)
+    intact = f"; the previous checkpoint {previous} is intact" if previous else "; no earlier checkpoint exists"
+    atomic_save(state, path, note=intact)
     _point_latest(folder, name)
     if keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:
@@ -101,12 +188,20 @@ def find_latest(folder: str) -> str | None:
     return files[-1] if files else None
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; a file that is not one is a clear error."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001  any unpickling / zip error
-        raise UserError(f"Could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+def load_checkpoint(path: str, allow_pickle_code_execution: bool = False) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, running no code from the file; a file that is not one is a clear error.
+
+    Args:
+        path: the checkpoint.
+        allow_pickle_code_execution: CHECKPOINT.ALLOW_PICKLE_CODE_EXECUTION: also load checkpoints
+            that pickle Python objects (which runs the code they name). Ours never need it.
+    """
+    state = load_torch_file(
+        path,
+        name=f"checkpoint {path}",
+        allow_code_key="config.CHECKPOINT.ALLOW_PICKLE_CODE_EXECUTION",
+        allow_code=allow_pickle_code_execution,
+    )
     if not isinstance(state, dict) or "classy_state_dict" not in state:
         raise UserError(f"{path} is not a vissl_vit checkpoint (no 'classy_state_dict').")
     return state

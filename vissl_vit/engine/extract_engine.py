@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.benchmark.knn import knn_search, weighted_knn_accuracy
 from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.engine.hooks.guards import BadImages, bad_in_batches, gather_objects
 from vissl_vit.engine.parallel import amp_dtype
 from vissl_vit.engine.train_engine import get_device, seed_all
 from vissl_vit.errors import UserError
@@ -97,9 +98,10 @@ def _extract_split(
     dtype: torch.dtype | None,
     names: list[str],
     shard: Any,
-) -> int:
+) -> tuple[int, dict[int, str]]:
     """Write this rank's shards, streaming the features into memory-mapped .npy files (so a rank
-    never holds its share in memory); returns the number of images written.
+    never holds its share in memory); returns the number of images written and the unreadable
+    images met (data set index -> path; another image's features took their place).
 
     Args:
         shard: ``shard(name, kind)`` -> the path of one of this rank's shard files.
@@ -108,7 +110,9 @@ def _extract_split(
     inds, targets = np.zeros(n, np.int64), np.zeros(n, np.int64)
     feats: list[np.ndarray] = []
     pos = 0
+    bad: dict[int, str] = {}
     for batch in loader:
+        bad.update(bad_in_batches([batch]))
         if isinstance(batch["data"], (list, tuple)):
             raise UserError(
                 "Feature extraction takes one view per image, but the transforms make several (a pretraining "
@@ -137,7 +141,7 @@ def _extract_split(
             _save_npy(shard(name, "features"), np.zeros((0, 0), np.float32))
         _save_npy(shard(name, "inds"), inds[:pos])
         _save_npy(shard(name, "targets"), targets[:pos])
-    return pos
+    return pos, bad
 
 
 def _merge(folder: str, split: str, name: str, world_size: int, chunk: int = 65536) -> int:
@@ -198,8 +202,12 @@ def extract_features(cfg: DictConfig, rank: int, world_size: int, device: torch.
     for split in cfg.EXTRACT_FEATURES.SPLITS:
         start = time.perf_counter()
         shard = functools.partial(_shard, folder, rank, split)
-        loader = build_dataloader(cfg, split, build_dataset(cfg, split), rank, world_size, device, for_extraction=True)
-        _extract_split(model, loader, trunk_only, device, dtype, names, shard)
+        dataset = build_dataset(cfg, split)
+        loader = build_dataloader(cfg, split, dataset, rank, world_size, device, for_extraction=True)
+        _, bad = _extract_split(model, loader, trunk_only, device, dtype, names, shard)
+        # every rank takes part in the gather and raises alike: no rank is left waiting in the barrier
+        tally = BadImages(split, len(dataset), cfg.DATA.MAX_BAD_IMAGE_FRACTION)
+        tally.report_and_check(gather_objects(bad), " during feature extraction")
         _barrier()
         if rank == 0:
             for name in names:

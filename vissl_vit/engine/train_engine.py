@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config.derive import DerivedValues, derive_run_values
 from vissl_vit.data import build_dataloader, build_dataset
-from vissl_vit.engine.checkpoint import find_latest, load_checkpoint
+from vissl_vit.engine.checkpoint import find_latest, load_checkpoint, remove_stale_tmp_files
 from vissl_vit.engine.hooks import (
     BadImageHook,
     CheckpointHook,
@@ -31,6 +31,7 @@ from vissl_vit.engine.hooks import (
 )
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.engine.parallel import amp_dtype, convert_sync_bn, wrap_model
+from vissl_vit.engine.resume_config import check_resume_config
 from vissl_vit.engine.trainer import Trainer
 from vissl_vit.errors import ConfigError
 from vissl_vit.losses import build_loss
@@ -78,10 +79,11 @@ def _tensorboard(cfg: DictConfig, run_dir: str, primary: bool) -> Any:
     )
 
 
-def _resume(cfg: DictConfig, run_dir: str, trainer: Trainer) -> None:
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: str) -> str | None:
+    """The checkpoint this run resumes from (None: train from scratch), as CHECKPOINT.* say."""
     path = find_latest(run_dir)
     if path is None:
-        return
+        return None
     if not cfg.CHECKPOINT.AUTO_RESUME:
         if not cfg.CHECKPOINT.OVERWRITE_EXISTING:
             raise ConfigError(
@@ -90,9 +92,15 @@ def _resume(cfg: DictConfig, run_dir: str, trainer: Trainer) -> None:
                 "config.CHECKPOINT.OVERWRITE_EXISTING=True to train from scratch over them."
             )
         logger.warning("Training from scratch over the checkpoints in %s (OVERWRITE_EXISTING=True)", run_dir)
+        return None
+    return path
+
+
+def _resume(trainer: Trainer, path: str | None, state: dict[str, Any] | None) -> None:
+    if state is None:
         return
     logger.info("Resuming from %s", path)
-    restore_trainer(trainer, load_checkpoint(path))
+    restore_trainer(trainer, state)
     logger.info("Resumed at iteration %d (epoch %d)", trainer.iteration, trainer.epoch)
 
 
@@ -118,7 +126,14 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
 
     train_ds = build_dataset(cfg, "TRAIN") if len(cfg.DATA.TRAIN.DATA_SOURCES) else None
     derived = derive_run_values(cfg, len(train_ds) if train_ds is not None else 0)
+    # the checkpoint is read and its config compared before train_config.yaml is overwritten, so a
+    # refused resume leaves the old run's config as it was (every rank checks: they stop together)
+    resume_path = _checkpoint_to_resume(cfg, run_dir)
+    resume_state = load_checkpoint(resume_path, cfg.CHECKPOINT.ALLOW_PICKLE_CODE_EXECUTION) if resume_path else None
+    if resume_state is not None:
+        check_resume_config(cfg_root, resume_state, run_dir, resume_path, warn=primary)
     if primary:
+        remove_stale_tmp_files(run_dir)  # the run folder is this run's now: a temporary file is a dead run's
         write_run_config(run_dir, cfg_root, derived)
     if cfg.VERBOSE:
         logger.info("Config:\n%s", OmegaConf.to_yaml(cfg_root))
@@ -180,16 +195,30 @@ def run_train_engine(cfg_root: DictConfig, rank: int = 0, local_rank: int = 0, w
         test_ds = build_dataset(cfg, "TEST")
         test_loader = build_dataloader(cfg, "TEST", test_ds, rank, world_size, device)
         test_hook = TestHook(
-            test_loader, build_meter(cfg), writer, cfg.TEST_EVERY_NUM_EPOCH, cfg.OPTIMIZER.num_epochs, all_reduce_sum
+            test_loader,
+            build_meter(cfg),
+            writer,
+            cfg.TEST_EVERY_NUM_EPOCH,
+            cfg.OPTIMIZER.num_epochs,
+            all_reduce_sum,
+            cfg.DATA.MAX_BAD_IMAGE_FRACTION,
         )
         hooks.append(test_hook)
     c = cfg.CHECKPOINT
-    checkpoint_hook = CheckpointHook(run_dir, c.CHECKPOINT_FREQUENCY, c.CHECKPOINT_ITER_FREQUENCY, c.KEEP_LAST, primary)
+    checkpoint_hook = CheckpointHook(
+        run_dir,
+        c.CHECKPOINT_FREQUENCY,
+        c.CHECKPOINT_ITER_FREQUENCY,
+        c.KEEP_LAST,
+        primary,
+        config_yaml=OmegaConf.to_yaml(cfg_root),
+    )
     hooks.append(checkpoint_hook)
     hooks.append(PreemptionHook(checkpoint_hook, all_reduce_sum, world_size))  # after the regular checkpoint
     trainer.register_hooks(hooks)
 
-    _resume(cfg, run_dir, trainer)
+    _resume(trainer, resume_path, resume_state)
+    del resume_state  # the model and optimizer hold their copies now
     try:
         if cfg.TEST_ONLY:
             test_hook.run_test(max(trainer.epoch - 1, 0))

@@ -31,13 +31,24 @@ class MicroBatch:
 
 @dataclass
 class StepResult:
-    """What the last optimizer step produced, for the hooks to read."""
+    """What the last optimizer step produced, for the hooks to read. It is set before the
+    optimizer step (``before_optimizer_step`` hooks read it), so after a guard stopped the run it
+    describes the rejected step."""
 
     loss: torch.Tensor  # mean over the micro-batches, detached
     micro: list[MicroBatch]
     lr: float
     batch_size: int  # images in the step on this process
+    # total gradient norm before clipping (unscaled); None when not computed (no clipping, and no
+    # hook asked for it: see Trainer.total_grad_norm)
+    grad_norm: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A norm from clip_grad_norm_ / get_total_norm as a plain tensor: an FSDP (DTensor) norm is
+    reduced over the shards, so that every rank sees the same value."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class Trainer:
@@ -141,6 +152,13 @@ class Trainer:
         self.iteration += 1
         self._call("after_step")
 
+    def total_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of all the model's gradients together (as clip_grad_norm_ computes it)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return plain_norm(torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False))
+
     def current_lr(self) -> float:
         where = progress(self.iteration, self.iterations_per_epoch, self.max_iterations, self.update_interval)
         return float(self.lr_scheduler(where))
@@ -159,7 +177,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def run_step(self, micro: list[dict[str, Any]]) -> None:
-        """One optimizer step over micro-batches: lr -> (forward -> loss -> backward) x N -> clip -> step."""
+        """One optimizer step over micro-batches: lr -> (forward -> loss -> backward) x N -> clip ->
+        guards (before_optimizer_step) -> step."""
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -177,11 +196,14 @@ class Trainer:
             total += loss.detach().float() / len(micro)
             images += len(target)
             done.append(MicroBatch(outputs, target, batch))
-        self._call("after_backward")
+        self._call("after_backward")  # hooks may drop gradients here (frozen parameters)
+        grad_norm = None
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             max_norm, norm_type = self.grad_clip
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, norm_type)
+            grad_norm = plain_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, norm_type))
+        self.last = StepResult(total, done, lr, batch_size=images, grad_norm=grad_norm)
+        # guards run here: a step they reject never reaches the weights (issue 10, item 8)
+        self._call("before_optimizer_step")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.last = StepResult(total, done, lr, batch_size=images)

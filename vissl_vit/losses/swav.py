@@ -60,7 +60,13 @@ class SwAVLoss(nn.Module):
     normalize_last_layer: L2-normalise the prototypes after each optimizer step.
     queue: {queue_length: global number of past embeddings used in Sinkhorn (0: none),
         start_iter: the iteration from which the queue is used}.
+
+    Each rank's queue holds that rank's own past embeddings (``queue_length / world_size`` of
+    them), so a checkpoint keeps every rank's state (``state_is_per_rank``), and a resume at another
+    world size rebuilds the global queue from them (:meth:`redistribute_state`).
     """
+
+    state_is_per_rank = True
 
     def __init__(
         self,
@@ -130,3 +136,36 @@ class SwAVLoss(nn.Module):
         for a, crop in enumerate(self.crops_for_assign):  # shift out the oldest, append the newest
             self.queue[a] = torch.cat([self.queue[a, B:], embeddings[B * crop : B * (crop + 1)]])[-local:]
         self.queue_filled.fill_(min(local, int(self.queue_filled) + B))
+
+    def redistribute_state(self, states: list[dict], rank: int, world_size: int) -> dict:
+        """This rank's state at ``world_size`` from the states every rank of another world size saved.
+
+        Sinkhorn treats the queue as a set over ranks, so what matters is which embeddings the
+        global queue holds and which of them leave first. The saved local queues are interleaved
+        into one global queue in age order (element k of every rank's queue, oldest first, has the
+        same age), the oldest are dropped if it is longer than this queue, and rank r takes every
+        ``world_size``-th element from r. Each rank then evicts its oldest B entries per step,
+        which together are the globally oldest ones: with the same global batch, the queue holds
+        and drops what it would have in an uninterrupted run at this world size.
+
+        Args:
+            states: the saved ``state_dict()`` of each rank, in rank order.
+            rank: this rank.
+            world_size: the ranks of this run.
+        """
+        first = states[0]
+        filled = min(int(s["queue_filled"]) for s in states)  # the same on every rank (same B)
+        sets, width, dim = first["queue"].shape[0], self.queue.shape[1], first["queue"].shape[2]
+        # [A, filled, W_old, D] -> [A, filled * W_old, D]: index k * W_old + r is rank r's k-th valid entry
+        valid = torch.stack([s["queue"][:, s["queue"].shape[1] - filled :] for s in states], dim=2)
+        merged = valid.reshape(sets, filled * len(states), dim)
+        merged = merged[:, max(0, merged.shape[1] - width * world_size) :]  # drop the oldest that do not fit
+        mine = merged[:, rank::world_size]
+        queue = torch.zeros(sets, width, dim, dtype=first["queue"].dtype)
+        if mine.shape[1]:
+            queue[:, width - mine.shape[1] :] = mine
+        return {
+            "queue": queue,
+            "queue_filled": torch.tensor(mine.shape[1], dtype=torch.long),
+            "num_steps": first["num_steps"].clone(),
+        }

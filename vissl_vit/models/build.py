@@ -38,6 +38,37 @@ def vit_kwargs(vit: DictConfig) -> dict[str, Any]:
     }
 
 
+def estimate_num_params(cfg: DictConfig) -> int:
+    """The number of parameters build_model would create, from the config alone (nothing is
+    allocated), so that an absurd size (NUM_LAYERS=100000) is refused before building. Exact for
+    the vision_transformer trunk; heads are counted from their widths (dims, in_plane/hidden_dim/
+    num_classes, num_clusters); MoCo's momentum encoder doubles the count.
+
+    Args:
+        cfg: the ``config`` node.
+    """
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    d, m, p = int(vit.HIDDEN_DIM), int(vit.MLP_DIM), int(vit.PATCH_SIZE)
+    prefix = 1 if vit.USE_CLASS_TOKEN else 0
+    # qkv (+ bias), proj, fc1, fc2, two LayerNorms
+    block = 3 * d * d + (3 * d if vit.QKV_BIAS else 0) + d * d + d + 2 * d * m + m + d + 4 * d
+    tokens = (int(vit.IMAGE_SIZE) // max(p, 1)) ** 2 + prefix
+    trunk = int(vit.NUM_LAYERS) * block + int(vit.IN_CHANNELS) * p * p * d + d + prefix * d + tokens * d + 2 * d
+    heads = 0
+    for entry in OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS, resolve=True):
+        kwargs = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        widths = [int(w) for w in kwargs.get("dims", []) if isinstance(w, int)]
+        if "in_plane" in kwargs and "num_classes" in kwargs:
+            widths = [int(kwargs["in_plane"]), *([int(kwargs["hidden_dim"])] if kwargs.get("hidden_dim") else [])]
+            widths.append(int(kwargs["num_classes"]))
+        heads += sum(a * b + b for a, b in zip(widths, widths[1:]))
+        clusters = kwargs.get("num_clusters", [])
+        if widths and isinstance(clusters, list):
+            heads += widths[-1] * sum(int(c) for c in clusters if isinstance(c, int))
+    total = trunk + heads
+    return 2 * total if cfg.LOSS.name == "moco_loss" else total
+
+
 def build_model(cfg: DictConfig) -> TrunkHeadModel:
     """Build trunk and heads from the ``config`` node of a composed config.
 

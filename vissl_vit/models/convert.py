@@ -26,14 +26,21 @@ from vissl_vit.models.weights import detect_format, map_names, read_weights_file
 from vissl_vit.utils.cli import cli_main, split_options
 
 USAGE = """usage: python tools/convert_weights.py --to timm|vissl_vit IN OUT [--global-pool token|avg]
-                                       [--state-dict-key KEY]
+                                       [--state-dict-key KEY] [--allow-pickle-code-execution]
+  --allow-pickle-code-execution  also read an IN that pickles Python objects besides tensors; loading
+                                 it runs the code it names: only for files you trust
 """
 _TIMM_HEAD = "heads.0.layers.head."
 
 
-def read_as_ours(path: str, state_dict_key: str = "classy_state_dict") -> dict[str, torch.Tensor]:
-    """Any supported weights file -> a flat state dict under our names (trunk.*, heads.N.*, ...)."""
-    sd, _ = select_state_dict(read_weights_file(path), state_dict_key)
+def read_as_ours(
+    path: str, state_dict_key: str = "classy_state_dict", allow_pickle_code_execution: bool = False
+) -> dict[str, torch.Tensor]:
+    """Any supported weights file -> a flat state dict under our names (trunk.*, heads.N.*, ...).
+
+    A file that pickles Python objects is refused unless ``allow_pickle_code_execution``."""
+    obj = read_weights_file(path, allow_pickle_code_execution, allow_key="--allow-pickle-code-execution")
+    sd, _ = select_state_dict(obj, state_dict_key)
     fmt = detect_format(list(sd))
     if not fmt:
         raise UserError(f"Cannot tell the layout of {path} (keys such as {', '.join(list(sd)[:6])}).")
@@ -75,15 +82,15 @@ def run(argv: list[str]) -> None:
             "--global-pool": ("global_pool", str),
             "--state-dict-key": ("key", str),
         },
-        switches={},
-        defaults={"to": None, "global_pool": None, "key": "classy_state_dict"},
+        switches={"--allow-pickle-code-execution": ("allow_code", True)},
+        defaults={"to": None, "global_pool": None, "key": "classy_state_dict", "allow_code": False},
         usage=USAGE,
     )
     if opts["to"] not in ("timm", "vissl_vit") or len(args) != 2:
         raise UserError(f"Give --to timm or --to vissl_vit, an input and an output path.\n{USAGE}")
     if opts["global_pool"] not in (None, "token", "avg"):
         raise UserError(f"--global-pool {opts['global_pool']}: expected token or avg.")
-    ours = read_as_ours(args[0], opts["key"])
+    ours = read_as_ours(args[0], opts["key"], opts["allow_code"])
     out = to_timm(ours, opts["global_pool"]) if opts["to"] == "timm" else to_vissl_vit(ours)
     atomic_save(out, args[1])
     print(f"wrote {args[1]} ({opts['to']} layout)")

@@ -27,7 +27,6 @@ A position embedding made for another image size is resampled (bicubic) to the m
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from torch import nn
 
 from vissl_vit.errors import ConfigError, UserError, closest
 from vissl_vit.models.layers import resample_pos_embed
+from vissl_vit.utils.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,32 +81,30 @@ def resolve_weights_path(path: str) -> str:
     return path
 
 
-def read_weights_file(path: str) -> Any:
-    """Load a weights file (any iopath path) on the CPU.
+def read_weights_file(path: str, allow_pickle_code_execution: bool = False, allow_key: str = "") -> Any:
+    """Load a weights file (any iopath path, or a run folder) on the CPU, running no code from it.
 
-    Tensors-only files load with ``weights_only=True``. Files that also pickle Python objects
-    (training checkpoints with numpy RNG states, argparse namespaces) are loaded in full with a
-    warning: only load such files from sources you trust.
+    Files of tensors, containers, numbers and strings load (``weights_only=True``, plus the numpy
+    types older vissl_vit checkpoints hold). A file that pickles other Python objects is refused
+    with a message naming what it would import, unless ``allow_pickle_code_execution`` is set.
+
+    Args:
+        path: the file.
+        allow_pickle_code_execution: load such files in full (runs the code they name).
+        allow_key: the setting that sets it, named in the refusal
+            (default: ``config.MODEL.WEIGHTS_INIT.ALLOW_PICKLE_CODE_EXECUTION``).
     """
     from iopath.common.file_io import g_pathmgr
 
     path = resolve_weights_path(path)
     with g_pathmgr.open(path, "rb") as f:
         data = f.read()
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  not tensors-only, or not a torch file at all
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"Could not read weights file {path}: {type(e).__name__}: {e}") from None
-        ours = isinstance(obj, dict) and "classy_state_dict" in obj  # RNG states of a training checkpoint
-        (logger.info if ours else logger.warning)(
-            "%s holds pickled Python objects besides tensors, so it was loaded with weights_only=False. "
-            "Only load files you trust.",
-            path,
-        )
-        return obj
+    return load_torch_file(
+        data,
+        name=f"weights file {path}",
+        allow_code_key=allow_key or "config.MODEL.WEIGHTS_INIT.ALLOW_PICKLE_CODE_EXECUTION",
+        allow_code=allow_pickle_code_execution,
+    )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -367,7 +365,7 @@ def init_model_from_weights(model: nn.Module, weights_cfg: Any, scope: str) -> L
     if fmt not in FORMATS:
         raise ConfigError(f"config.MODEL.WEIGHTS_INIT.FORMAT='{fmt}': expected one of {', '.join(FORMATS)}.")
     path = resolve_weights_path(w.PARAMS_FILE)
-    sd, where = select_state_dict(read_weights_file(path), w.STATE_DICT_KEY_NAME)
+    sd, where = select_state_dict(read_weights_file(path, w.ALLOW_PICKLE_CODE_EXECUTION), w.STATE_DICT_KEY_NAME)
     if w.REMOVE_PREFIX:
         sd = {(k[len(w.REMOVE_PREFIX) :] if k.startswith(w.REMOVE_PREFIX) else k): v for k, v in sd.items()}
     if w.APPEND_PREFIX:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -73,3 +75,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process). Every rank must call it.
+
+    Tensors in ``obj`` should be on the CPU. On NCCL this needs the rank's CUDA device to be the
+    current one (``get_device`` sets it), as torch.distributed.all_gather_object does.
+    """
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 from PIL import Image
 
 
@@ -26,9 +29,17 @@ class ImageSource:
 
 
 def open_image(path: str) -> Image.Image:
-    """Decode an image file fully (so a truncated file fails here, not later) as RGB."""
+    """Decode an image file fully (so a truncated file fails here, not later) as RGB.
+
+    A local path must be a regular file: opening a FIFO (or a device) named ``x.jpg`` would block
+    the loader forever, so it is refused and becomes an unreadable image like a corrupt one.
+    """
     from iopath.common.file_io import g_pathmgr
 
+    if "://" not in path:  # local; iopath's other handlers (http, manifold, ...) have no such files
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file (a FIFO, socket, device or folder)")
     with g_pathmgr.open(path, "rb") as f:
         img = Image.open(f)
         img.load()

@@ -30,6 +30,10 @@ class HookBase:
     def after_backward(self) -> None:
         """Between backward and the optimizer step: gradients can be read or changed here."""
 
+    def before_optimizer_step(self) -> None:
+        """After gradient clipping, right before the optimizer step: ``trainer.last`` holds the
+        step's loss and total gradient norm; raising here leaves the weights untouched."""
+
     def after_step(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:

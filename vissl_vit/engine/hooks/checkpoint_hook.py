@@ -19,7 +19,7 @@ from vissl_vit.engine.checkpoint import VERSION, group_model_state, rng_state, s
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.errors import UserError
 from vissl_vit.registry import HOOKS
-from vissl_vit.utils.distributed import get_world_size
+from vissl_vit.utils.distributed import all_gather_object, get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +32,38 @@ def unwrap(model: Any) -> Any:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def trainer_state(trainer: Any) -> dict[str, Any]:
+def _cpu(tree: Any) -> Any:
+    """A state dict with every tensor on the CPU (to gather it between ranks and to save it)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
+
+
+def trainer_state(trainer: Any, config_yaml: str = "") -> dict[str, Any]:
     """Everything a resume needs: model, optimizer, grad scaler, loss, RNGs, iteration, phase, hooks.
 
     Model and optimizer states are gathered whole (torch.distributed.checkpoint's full state
     dicts), so DDP, FSDP and single-process runs write the same layout and resume from each
-    other's checkpoints. Under FSDP every rank must call this (it gathers); rank 0 writes.
+    other's checkpoints. Every rank must call this (it gathers); rank 0 writes. Each rank's RNG
+    states are gathered (each rank draws its own dropout / drop-path), and so is each rank's loss
+    state when the loss keeps one per rank (``state_is_per_rank``: SwAV's queue holds that rank's
+    own past embeddings; MoCo's queue is the same on every rank and is saved once).
+
+    Args:
+        trainer: the Trainer.
+        config_yaml: the run's composed config, stored so that a resume can tell what changed.
     """
     model_sd, optim_sd = get_state_dict(unwrap(trainer.model), trainer.optimizer, options=_FULL)
-    return {
+    loss_sd = _cpu(trainer.loss_fn.state_dict())
+    state = {
         "classy_state_dict": {
             "base_model": {"model": group_model_state(model_sd), "meta": {}},
             "optimizer": optim_sd,
-            "loss": trainer.loss_fn.state_dict(),
+            "loss": loss_sd,
             "train_phase_idx": trainer.epoch,
             "iteration": trainer.iteration,
         },
@@ -54,10 +73,14 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "phase_idx": trainer.phase_idx,
         "iterations_per_epoch": trainer.iterations_per_epoch,
         "world_size": get_world_size(),
-        "rng": rng_state(),
+        "rng_per_rank": all_gather_object(_cpu(rng_state())),
+        "config_yaml": config_yaml,
         "hooks": {type(h).__name__: h.state_dict() for h in trainer.hooks if h.state_dict()},
         "version": VERSION,
     }
+    if getattr(trainer.loss_fn, "state_is_per_rank", False):
+        state["loss_per_rank"] = all_gather_object(loss_sd)
+    return state
 
 
 def _resume_iteration(state: dict[str, Any], iterations_per_epoch: int) -> int:
@@ -83,18 +106,49 @@ def _resume_iteration(state: dict[str, Any], iterations_per_epoch: int) -> int:
     return new
 
 
-def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
-    """Inverse of :func:`trainer_state` (call after the hooks are registered, on every rank)."""
-    csd = state["classy_state_dict"]
-    model_sd = {f"{top}.{k}": v for top, group in csd["base_model"]["model"].items() for k, v in group.items()}
-    model = unwrap(trainer.model)
-    expected = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
-    missing, unexpected = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
+def check_model_fits(model: Any, model_sd: dict[str, Any]) -> None:
+    """Raise a UserError when the checkpoint's model keys or shapes differ from the model's.
+
+    The model's keys and (global) shapes come from its local state dict, which every rank has
+    (a full, CPU-offloaded state dict is empty on every rank but 0).
+    """
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    missing, unexpected = sorted(set(expected) - set(model_sd)), sorted(set(model_sd) - set(expected))
     if missing or unexpected:
         raise UserError(
             f"The checkpoint does not fit the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}. "
             "Was it written with another MODEL config?"
         )
+    wrong = [
+        f"{k} {tuple(model_sd[k].shape)} (model: {s})" for k, s in expected.items() if tuple(model_sd[k].shape) != s
+    ]
+    if wrong:
+        raise UserError(
+            f"The checkpoint does not fit the model: {len(wrong)} tensors have another shape in the checkpoint: "
+            f"{', '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}. Was it written with another MODEL config?"
+        )
+
+
+def _loss_state(loss_fn: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's loss state: its own at the same world size; redistributed by the loss (SwAV's
+    queue) at another; the one saved state when the loss keeps the same state on every rank."""
+    world, rank = get_world_size(), get_rank()
+    if "loss_per_rank" in state:
+        states = state["loss_per_rank"]
+    else:  # a loss without per-rank state, or an older checkpoint: rank 0's stands for every rank's
+        states = [state["classy_state_dict"]["loss"]] * state["world_size"]
+    if len(states) == world:
+        return states[rank]
+    redistribute = getattr(loss_fn, "redistribute_state", None)
+    return redistribute(states, rank, world) if redistribute is not None else states[0]
+
+
+def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
+    """Inverse of :func:`trainer_state` (call after the hooks are registered, on every rank)."""
+    csd = state["classy_state_dict"]
+    model_sd = {f"{top}.{k}": v for top, group in csd["base_model"]["model"].items() for k, v in group.items()}
+    model = unwrap(trainer.model)
+    check_model_fits(model, model_sd)
     set_state_dict(
         model,
         trainer.optimizer,
@@ -110,15 +164,17 @@ def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
     for name, param in model.named_parameters():
         if name not in saved:
             trainer.optimizer.state.pop(param, None)
-    trainer.loss_fn.load_state_dict(csd["loss"])
+    trainer.loss_fn.load_state_dict(_loss_state(trainer.loss_fn, state))
     trainer.scaler.load_state_dict(state["grad_scaler"])
     trainer.iteration = _resume_iteration(state, trainer.iterations_per_epoch)
     trainer.phase_idx = state["phase_idx"]
     for h in trainer.hooks:
         if type(h).__name__ in state["hooks"]:
             h.load_state_dict(state["hooks"][type(h).__name__])
-    if state["world_size"] == get_world_size():
-        set_rng_state(state["rng"])  # another world size draws other streams anyway
+    if state["world_size"] == get_world_size():  # another world size draws other streams anyway
+        # each rank its own streams (version 1 checkpoints saved rank 0's only)
+        rngs = state["rng_per_rank"] if "rng_per_rank" in state else [state["rng"]] * state["world_size"]
+        set_rng_state(rngs[get_rank()])
 
 
 @HOOKS.register("checkpoint_hook")
@@ -134,16 +190,23 @@ class CheckpointHook(HookBase):
         iter_frequency: CHECKPOINT_ITER_FREQUENCY.
         keep_last: KEEP_LAST (-1 keeps all).
         is_primary: whether this rank writes.
+        config_yaml: the run's composed config, stored in each checkpoint (see ``check_resume_config``).
     """
 
     def __init__(
-        self, folder: str, epoch_frequency: int, iter_frequency: int, keep_last: int, is_primary: bool
+        self,
+        folder: str,
+        epoch_frequency: int,
+        iter_frequency: int,
+        keep_last: int,
+        is_primary: bool,
+        config_yaml: str = "",
     ) -> None:
         self.folder, self.epoch_frequency, self.iter_frequency = folder, epoch_frequency, iter_frequency
-        self.keep_last, self.is_primary = keep_last, is_primary
+        self.keep_last, self.is_primary, self.config_yaml = keep_last, is_primary, config_yaml
 
     def _save(self, name: str) -> None:
-        state = trainer_state(self.trainer)  # every rank: FSDP gathers the shards
+        state = trainer_state(self.trainer, self.config_yaml)  # every rank: FSDP gathers, RNGs are gathered
         if self.is_primary:
             save_checkpoint(self.folder, name, state, self.keep_last)
 

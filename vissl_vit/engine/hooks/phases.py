@@ -7,12 +7,14 @@ metrics.json follows VISSL: ``{"iteration": 500, "phase_idx": 3, "train_phase_id
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.engine.hooks.guards import BadImages, bad_in_batches, gather_objects
 from vissl_vit.registry import HOOKS
 from vissl_vit.utils.logging import JsonLinesWriter
 from vissl_vit.utils.tensors import to_device
@@ -92,13 +94,25 @@ class TestHook(HookBase):
         every_n_epochs: TEST_EVERY_NUM_EPOCH.
         num_epochs: epochs in all (the last always gets a test phase).
         all_reduce: sums a tensor over ranks.
+        max_bad_fraction: DATA.MAX_BAD_IMAGE_FRACTION: a test phase in which more than this fraction
+            of the test images (distinct, united over ranks) could not be read stops the run.
+        gather: every rank's object, in rank order.
     """
 
     def __init__(
-        self, loader: DataLoader, meter: Any, writer: PhaseWriter, every_n_epochs: int, num_epochs: int, all_reduce: Any
+        self,
+        loader: DataLoader,
+        meter: Any,
+        writer: PhaseWriter,
+        every_n_epochs: int,
+        num_epochs: int,
+        all_reduce: Any,
+        max_bad_fraction: float,
+        gather: Callable[[Any], list[Any]] = gather_objects,
     ) -> None:
         self.loader, self.meter, self.writer = loader, meter, writer
         self.every_n_epochs, self.num_epochs, self.all_reduce = every_n_epochs, num_epochs, all_reduce
+        self.max_bad_fraction, self.gather = max_bad_fraction, gather
 
     def after_epoch(self) -> None:
         done = self.trainer.epoch  # epochs completed
@@ -115,9 +129,11 @@ class TestHook(HookBase):
         self.loader.sampler.set_epoch(0)
         self.loader.sampler.set_start_iteration(0)
         loss_sum, n = 0.0, 0
+        found: dict[int, str] = {}  # unreadable test images met by this rank
         if self.meter is not None:
             self.meter.reset()
         for batch in self.loader:
+            found.update(bad_in_batches([batch]))
             data = to_device(batch["data"], t.device)
             target = batch["label"].to(t.device, non_blocking=True)
             with t.autocast():
@@ -126,6 +142,8 @@ class TestHook(HookBase):
             n += len(target)
             if self.meter is not None:
                 self.meter.update(outputs, target)
+        bad = BadImages("TEST", len(self.loader.dataset), self.max_bad_fraction)
+        bad.report_and_check(self.gather(found), f" in the test phase after epoch {train_phase_idx}")
         totals = self.all_reduce(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
         values: dict[str, Any] = {"loss": (totals[0] / totals[1].clamp(min=1)).item()}
         if self.meter is not None:

@@ -1,0 +1,114 @@
+"""Resuming 2-process runs: kill -9 of the whole job and the same command gives the same losses;
+a finished run extended with more epochs resumes on every rank; SwAV's queue moves to another
+world size; a config change is refused or listed before train_config.yaml is touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import read_losses, run_cli
+from tests.engine.resume_utils import ITERATIONS, assert_same_losses, kill_at_iteration, run_to_end, start_run
+
+pytestmark = pytest.mark.slow
+
+
+def _final_state(run_dir) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoint.torch", map_location="cpu", weights_only=True)
+    csd = state["classy_state_dict"]
+    flat = {f"model.{g}.{k}": v for g, group in csd["base_model"]["model"].items() for k, v in group.items()}
+    flat.update({f"rng{r}.torch": s["torch"] for r, s in enumerate(state["rng_per_rank"])})
+    return flat
+
+
+def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_to_end(ref)
+    expected = read_losses(ref)
+    assert sorted(expected) == list(range(1, ITERATIONS + 1))
+
+    killed_after = kill_at_iteration(run, start_run(run), 17)  # mid-epoch 2, past several checkpoints
+    assert killed_after < ITERATIONS
+    proc = run_to_end(run)
+    resumed = [line for line in proc.stdout.splitlines() if "Resumed at iteration" in line]
+    assert len(resumed) == 2 and any(line.startswith("[rank 1]") for line in resumed)  # both ranks resumed
+    assert_same_losses(read_losses(run), expected)  # bit-for-bit: dropout and drop-path on both ranks
+    a, b = _final_state(ref), _final_state(run)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not torch.equal(a["rng0.torch"], a["rng1.torch"])  # each rank's own streams were saved
+    assert not list(run.glob(".tmp_*"))  # whatever the kill left mid-write was removed
+
+    # a finished run, extended with more epochs: resumes on both ranks, the change is listed
+    proc = run_to_end(ref, "config.OPTIMIZER.num_epochs=6")
+    out = proc.stdout
+    assert out.count("Resumed at iteration 50") == 2, out[-3000:]
+    assert "OPTIMIZER.num_epochs: 5 -> 6" in out and out.count("with a changed config") == 1  # once, by rank 0
+    assert max(read_losses(ref)) == 60
+
+
+SWAV = [
+    "config=test/quick_swav",
+    # no BatchNorm, dropout or drop-path: the loss of a global batch cannot depend on its split
+    "config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[32,64,16],num_clusters:[10],use_bn:False}]]",
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.0",
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.0",
+    "config.LOSS.swav_loss.queue.start_iter=2",
+    # the first run is shorter than the reference: a schedule that does not depend on the length
+    "config.OPTIMIZER.param_schedulers.lr.name=constant",
+    "config.OPTIMIZER.param_schedulers.lr.value=0.001",
+    "config.DISTRIBUTED.TIMEOUT_SECONDS=60",
+]
+ONE = ["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16"]
+TWO = ["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"]
+
+
+def _swav(run_dir, *args) -> dict[int, float]:
+    proc = run_cli(*SWAV, *args, f"config.CHECKPOINT.DIR={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_losses(run_dir)
+
+
+def test_swav_queue_resumes_at_another_world_size(tmp_path):
+    # an epoch on 2 processes, then one on 1 (4 iterations per epoch either way); the queue (32: two
+    # global batches) is full after the first epoch and its halves must join into one queue
+    reference = _swav(tmp_path / "ref", *ONE, "config.OPTIMIZER.num_epochs=2")
+    _swav(tmp_path / "run", *TWO, "config.OPTIMIZER.num_epochs=1")
+    resumed = _swav(tmp_path / "run", *ONE, "config.OPTIMIZER.num_epochs=2")
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    # Sinkhorn over the global queue is a set operation: only float rounding differs
+    assert_same_losses(resumed, reference, 1e-4)
+    state = torch.load(tmp_path / "run" / "checkpoint.torch", weights_only=True)
+    assert [s["queue"].shape[1] for s in state["loss_per_rank"]] == [32]
+    assert int(state["loss_per_rank"][0]["queue_filled"]) == 32
+
+
+def test_a_changed_model_is_refused_and_train_config_is_kept(tmp_path):
+    run = tmp_path / "run"
+    base = ["config=test/quick_vit", "config.TEST_MODEL=False", "config.OPTIMIZER.num_epochs=1"]
+    proc = run_cli(*base, f"config.CHECKPOINT.DIR={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = (run / "train_config.yaml").read_text()
+    (run / ".tmp_stale.torch").write_bytes(b"x" * 100)  # what a kill -9 mid-write leaves
+    proc = run_cli(
+        *base,
+        "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=3",
+        "config.OPTIMIZER.name=sgd",
+        "config.OPTIMIZER.num_epochs=2",
+        f"config.CHECKPOINT.DIR={run}",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    msg = [line for line in proc.stderr.splitlines() if "Cannot resume" in line]
+    assert len(msg) == 1 and "another config.CHECKPOINT.DIR" in msg[0]
+    assert (
+        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS: 2 -> 3" in msg[0] and "OPTIMIZER.name: 'adamw' -> 'sgd'" in msg[0]
+    )
+    assert "num_epochs" not in msg[0]  # accepted changes are not what stops it
+    assert (run / "train_config.yaml").read_text() == before
+    # an accepted change resumes, listed in one warning; the stale temporary file is gone
+    proc = run_cli(*base, "config.OPTIMIZER.num_epochs=2", "config.LOG_FREQUENCY=2", f"config.CHECKPOINT.DIR={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = [line for line in proc.stdout.splitlines() if "with a changed config" in line]
+    assert len(warning) == 1 and "OPTIMIZER.num_epochs: 1 -> 2" in warning[0] and "LOG_FREQUENCY: 1 -> 2" in warning[0]
+    assert not (run / ".tmp_stale.torch").exists()
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["config"]["OPTIMIZER"]["num_epochs"] == 2
