@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -13,6 +18,7 @@ from vissl_vit.data.dataset import VisslDataset
 from vissl_vit.data.datasets.synthetic import SyntheticSource
 from vissl_vit.data.sampler import ResumableDistributedSampler
 from vissl_vit.data.transforms import build_transforms
+from vissl_vit.engine.run_lock import close_inherited_locks
 from vissl_vit.errors import ConfigError
 from vissl_vit.registry import COLLATORS, DATASETS
 
@@ -47,9 +53,67 @@ def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
     return VisslDataset(sources, transforms, d.LABEL_TYPE, d.DATA_LIMIT)
 
 
+# Signals that stop a run: the training process handles them (PreemptionHook finishes the step,
+# checkpoints and exits 0; the launcher handles Ctrl-C), never its loader workers.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
+def _ignore_stop_signals_but_the_parents() -> None:
+    """Make this loader worker deaf to SIGTERM, SIGUSR1 and SIGINT unless its parent sends them.
+
+    A scheduler's SIGTERM to the whole process group (SLURM, most others), or a terminal's Ctrl-C,
+    would kill the workers under the training process, which then dies with "DataLoader worker
+    killed" instead of writing its preemption checkpoint. Plain SIG_IGN is not enough: the loader
+    (and multiprocessing at exit) stops a worker that does not finish with SIGTERM, and a worker
+    deaf to it would hang its parent's exit. So the signals stay blocked (the worker was forked
+    with them blocked, see _ShieldedForkProcess) and a thread takes them with sigwaitinfo, which
+    tells who sent each: the parent's means "exit", anyone else's is dropped.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # (already so when forked by the context below)
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(_STOP_SIGNALS)
+            if info.si_pid == parent:
+                os._exit(0)  # as torch's own worker SIGTERM handler does: the loader counts 0 as a clean stop
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
 def _worker_init(_: int) -> None:
     # one intra-op thread per worker: workers are separate processes competing for the cores
     torch.set_num_threads(1)
+    _ignore_stop_signals_but_the_parents()
+    close_inherited_locks()  # the run folder's lock belongs to the training process
+
+
+class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
+    """A loader worker forked with the stop signals blocked in the forking thread. The child
+    inherits the mask, and so does every thread it starts: from its first instruction, a stop
+    signal waits (pending) for _worker_init's sigwaitinfo instead of killing the worker, and
+    this loader's own thread is blocked only for the moment of the fork."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _ShieldedForkContext(multiprocessing.context.ForkContext):
+    Process = _ShieldedForkProcess
+
+
+def _loader_context(workers: int) -> multiprocessing.context.BaseContext | None:
+    """The loader's multiprocessing context: fork with the stop signals blocked, wherever fork
+    exists, also in spawned ranks (whose default start method is spawn): a spawned loader worker
+    spends seconds importing torch, and starts threads, before _worker_init can shield it.
+    Elsewhere (no fork), the default."""
+    if workers == 0 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return _ShieldedForkContext()
 
 
 def build_dataloader(
@@ -101,6 +165,7 @@ def build_dataloader(
         persistent_workers=workers > 0,
         prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None,
+        multiprocessing_context=_loader_context(workers),
         # a private generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(cfg.SEED_VALUE),
     )

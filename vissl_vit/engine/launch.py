@@ -8,9 +8,20 @@
   NODE_ID x NUM_PROC_PER_NODE + local rank, meeting through INIT_METHOD / RUN_ID.
 
 A worker that fails (an exception, a signal such as kill -9, the OOM killer) ends the job: the
-other workers of its node are stopped, workers on other nodes fail their next collective within
-DISTRIBUTED.TIMEOUT_SECONDS, and the exit status is non-zero with a message naming the rank.
-Workers die with their parent (PR_SET_PDEATHSIG), so none is left behind.
+other workers of its node are killed, workers on other nodes fail their next collective within
+DISTRIBUTED.TIMEOUT_SECONDS, and the exit status is 2 with one line naming the rank. When a
+collective times out or loses its peer, the launcher names the worker that caused it (one that is
+stopped, e.g. by SIGSTOP, or dead), not the healthy rank that noticed. Workers die with their
+parent (PR_SET_PDEATHSIG), so none is left behind.
+
+Signals: SIGTERM and SIGUSR1 (preemption) are forwarded to the workers, whose PreemptionHook
+finishes the step, checkpoints and exits 0. Ctrl-C (SIGINT) stops the job: the launcher asks the
+workers to checkpoint and stop (SIGTERM), kills what is left after STOP_GRACE_SECONDS (or at a
+second Ctrl-C), and exits 130. Workers ignore SIGINT, so a terminal's Ctrl-C, which reaches the
+whole foreground group, is handled once, by the launcher.
+
+The run folder is locked for the life of the run (run_lock.py): by the launcher before any worker
+starts, or by rank 0 under torchrun / srun.
 
 ``main(argv)`` is the command line of tools/run_distributed_engines.py.
 """
@@ -21,11 +32,15 @@ import ctypes
 import dataclasses
 import datetime
 import logging
+import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
+import pickle
 import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,6 +48,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config import compose_config
+from vissl_vit.engine.run_lock import lock_run_folder
 from vissl_vit.errors import ConfigError, UserError
 from vissl_vit.utils.cli import cli_main
 
@@ -171,31 +187,94 @@ def _die_with_parent() -> None:
         pass
 
 
+def process_group_backend(backend: str) -> str:
+    """init_process_group's backend for DISTRIBUTED.BACKEND's ``backend`` ("gloo", "nccl").
+
+    NCCL carries CUDA tensors only, and the engine's per-step collectives (the preemption flag,
+    the bad-image count, the meters' counts, loss sums, gathered RNG states) are CPU tensors: a
+    CUDA backend is paired with gloo for CPU tensors, and torch routes each tensor by its device.
+    """
+    return backend if backend == "gloo" else f"cpu:gloo,cuda:{backend}"
+
+
+class CollectiveError(UserError):
+    """A collective of this worker timed out or lost its peer: another worker died, is stopped or hangs."""
+
+
+# Exit status of a spawned worker whose collective failed (CollectiveError): the launcher then
+# looks for the worker that caused it instead of blaming this one.
+COLLECTIVE_FAILED = 3
+
+# gloo and NCCL errors: a timeout ("Timed out waiting 20000ms for recv operation"), a peer that
+# left ("Connection closed by peer"), a watchdog report. Others are the worker's own errors.
+_COLLECTIVE_ERROR = re.compile(r"/gloo/|NCCL|Connection (closed|reset) by peer|ProcessGroup")
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_COLLECTIVE_ERROR.search(str(e))))
+
+
 def run_worker(cfg_root: DictConfig, info: WorkerInfo) -> None:
-    """Initialise the process group (if several workers) and run ENGINE_NAME as this worker."""
+    """Initialise the process group (if several workers) and run ENGINE_NAME as this worker.
+
+    Under torchrun / srun (no launcher of ours), rank 0 locks the run folder first.
+
+    Raises:
+        CollectiveError: a collective timed out or lost its peer (the message says which rank).
+    """
     engine = _engine(cfg_root.config.ENGINE_NAME)
-    if info.world_size == 1:
-        engine(cfg_root)
-        return
-    if cfg_root.config.MACHINE.DEVICE == "gpu" and torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    timeout = datetime.timedelta(seconds=cfg_root.config.DISTRIBUTED.TIMEOUT_SECONDS)
-    dist.init_process_group(
-        info.backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size, timeout=timeout
-    )
+    lock = lock_run_folder(cfg_root.config.CHECKPOINT.DIR) if info.how != "spawn" and info.rank == 0 else None
     try:
-        engine(cfg_root, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
-    finally:
+        if info.world_size == 1:
+            engine(cfg_root)
+            return
+        if cfg_root.config.MACHINE.DEVICE == "gpu" and torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+        seconds = cfg_root.config.DISTRIBUTED.TIMEOUT_SECONDS
+        dist.init_process_group(
+            process_group_backend(info.backend),
+            init_method=info.init_method,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=seconds),
+        )
+        try:
+            engine(cfg_root, rank=info.rank, local_rank=info.local_rank, world_size=info.world_size)
+        except Exception as e:
+            if not _is_collective_failure(e):
+                dist.destroy_process_group()
+                raise
+            # no destroy_process_group: it can block on the peer that is gone or stuck
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CollectiveError(
+                f"rank {info.rank}: a collective failed ({first}): another worker died, is stopped or hangs "
+                f"(DISTRIBUTED.TIMEOUT_SECONDS={seconds})"
+            ) from None
         dist.destroy_process_group()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# Signals that stop a run. The launcher blocks them while it starts the workers (they inherit the
+# mask), so that none reaches a worker before it has set up its own handling.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 
 def _spawned_worker(
     local_rank: int, cfg_yaml: str, node_id: int, local_world: int, world: int, init: str, backend: str
-):
+) -> None:
     _die_with_parent()
+    # Ctrl-C is the launcher's to handle (it forwards SIGTERM): a terminal's Ctrl-C reaches the
+    # whole foreground group, this worker and its loader workers included
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     info = WorkerInfo(node_id * local_world + local_rank, local_rank, world, local_world, init, backend, "spawn")
     try:
         run_worker(OmegaConf.create(cfg_yaml), info)
+    except CollectiveError as e:
+        logger.error("%s", e)  # the launcher's one line names the worker that caused it
+        sys.exit(COLLECTIVE_FAILED)
     except UserError as e:
         print(f"vissl_vit: error (rank {info.rank}): {e}", file=sys.stderr)
         sys.exit(2)
@@ -217,6 +296,178 @@ def _with_world(cfg_root: DictConfig, info: WorkerInfo) -> DictConfig:
     return cfg_root
 
 
+# Seconds the launcher waits after Ctrl-C for the workers to finish their step, checkpoint and
+# exit, before it kills them (a second Ctrl-C kills them at once).
+STOP_GRACE_SECONDS = 120
+
+RESUME_HINT = "Rerun the same command to resume from the last checkpoint."
+
+
+def _proc_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("R", "S", "T" stopped, "t" traced, "Z"...), "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]  # the name, in parentheses, may hold spaces
+    except (OSError, IndexError):
+        return ""
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        hint = " (SIGKILL: killed, possibly by the out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"died with signal {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+class _Supervisor:
+    """Watches this node's spawned workers until they have all ended.
+
+    Forwards SIGTERM / SIGUSR1 to them; on Ctrl-C asks them to stop (SIGTERM), kills them after
+    STOP_GRACE_SECONDS or a second Ctrl-C, and raises KeyboardInterrupt; when one fails, kills the
+    others and raises a UserError naming the worker that caused the failure.
+
+    Args:
+        ctx: the workers (torch.multiprocessing's ProcessContext).
+        first_rank: the global rank of local worker 0.
+        timeout_s: DISTRIBUTED.TIMEOUT_SECONDS, for the message.
+    """
+
+    def __init__(self, ctx: torch.multiprocessing.ProcessContext, first_rank: int, timeout_s: int) -> None:
+        self.ctx, self.first_rank, self.timeout_s = ctx, first_rank, timeout_s
+        self.interrupted_at: float | None = None
+        self.killed = False
+
+    def _signal_all(self, signum: int) -> None:
+        for p in self.ctx.processes:
+            if p.exitcode is None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_all(self) -> None:
+        self._signal_all(signal.SIGKILL)  # SIGKILL also ends a stopped worker
+        for p in self.ctx.processes:
+            p.join()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        """Signal handler (runs between the main loop's waits; writes with os.write, which is reentrant)."""
+        if signum != signal.SIGINT:  # preemption: each worker checkpoints and stops (PreemptionHook)
+            self._signal_all(signum)
+            return
+        if self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
+            note = (
+                f"vissl_vit: interrupted: the workers checkpoint at the end of this step and stop (killed in "
+                f"{STOP_GRACE_SECONDS} s, or at a second Ctrl-C)\n"
+            )
+            os.write(2, note.encode())
+            self._signal_all(signal.SIGTERM)
+        else:
+            self.killed = True
+            self._signal_all(signal.SIGKILL)
+
+    def run(self) -> None:
+        """Wait for every worker. Raises KeyboardInterrupt after Ctrl-C, UserError when a worker failed."""
+        sentinels = {p.sentinel: i for i, p in enumerate(self.ctx.processes)}
+        while sentinels:
+            for s in multiprocessing.connection.wait(list(sentinels), timeout=1.0):
+                i = sentinels.pop(s)
+                self.ctx.processes[i].join()
+                if self.ctx.processes[i].exitcode != 0 and self.interrupted_at is None:
+                    raise self._failure(i)
+            if self.interrupted_at is not None and time.monotonic() - self.interrupted_at > STOP_GRACE_SECONDS:
+                self.killed = True
+                self._signal_all(signal.SIGKILL)
+        if self.interrupted_at is not None:
+            if self.killed:
+                print("vissl_vit: the workers were killed before they could stop by themselves", file=sys.stderr)
+            raise KeyboardInterrupt
+
+    def _culprit(self, failed: int) -> tuple[int, int, str] | None:
+        """(index, pid, what) of another worker that is stopped or dead: the cause of a collective
+        that timed out (a stopped peer never arrives) or lost its peer (a dead one left)."""
+        for i, p in enumerate(self.ctx.processes):
+            if i == failed:
+                continue
+            if p.exitcode is None and _proc_state(p.pid) in ("T", "t"):
+                return i, p.pid, "is stopped (SIGSTOP) and did not reach the collective"
+        for i, p in enumerate(self.ctx.processes):
+            if i != failed and p.exitcode not in (None, 0):
+                return i, p.pid, _death(p.exitcode)
+        return None
+
+    def _error_text(self, index: int) -> str:
+        """The traceback torch's spawn wrapper saved for a worker that raised (or "")."""
+        try:
+            with open(self.ctx.error_files[index], "rb") as f:
+                return pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError):
+            return ""
+
+    def _failure(self, index: int) -> UserError:
+        """Kill the other workers; the error naming the worker that caused the failure of ``index``."""
+        failed = self.ctx.processes[index]
+        rank, code = self.first_rank + index, failed.exitcode
+        culprit = self._culprit(index)
+        self._kill_all()
+        end = f"All workers of this node were killed. {RESUME_HINT}"
+        if code == COLLECTIVE_FAILED:
+            noticed = f"rank {rank} timed out after DISTRIBUTED.TIMEOUT_SECONDS={self.timeout_s} s"
+            if culprit is not None and "stopped" not in culprit[2]:
+                noticed = f"rank {rank}'s collective lost it"
+        else:
+            noticed = f"rank {rank} (pid {failed.pid}) {_death(code)}"
+        if culprit is not None and (code == COLLECTIVE_FAILED or "stopped" in culprit[2]):
+            i, pid, what = culprit
+            return UserError(f"worker rank {self.first_rank + i} (pid {pid}) {what}; {noticed}. {end}")
+        if code == COLLECTIVE_FAILED:
+            return UserError(
+                f"worker rank {rank} (pid {failed.pid}): a collective timed out (DISTRIBUTED.TIMEOUT_SECONDS="
+                f"{self.timeout_s} s) or lost its peer, and no worker of this node is stopped or dead: a worker on "
+                f"another node failed or hangs (rank {rank}'s error is in its log). {end}"
+            )
+        trace = self._error_text(index) if code == 1 else ""
+        if trace:
+            return UserError(f"worker rank {rank} (pid {failed.pid}) failed. {end} Its error:\n{trace}")
+        return UserError(f"worker rank {rank} (pid {failed.pid}) {_death(code)}. {end}")
+
+
+def _spawn_and_supervise(cfg_root: DictConfig, world: int, init: str, backend: str) -> None:
+    """Start this node's workers and supervise them until they have all ended."""
+    d = cfg_root.config.DISTRIBUTED
+    # the stop signals stay blocked while the workers start: they inherit the mask (through spawn's
+    # exec) and unblock it only once they ignore SIGINT; here they wait for the handlers below.
+    # The resource tracker is started first: starting it unblocks SIGINT and SIGTERM (bpo-33613).
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        ctx = torch.multiprocessing.start_processes(
+            _spawned_worker,
+            args=(OmegaConf.to_yaml(cfg_root), d.NODE_ID, d.NUM_PROC_PER_NODE, world, init, backend),
+            nprocs=d.NUM_PROC_PER_NODE,
+            join=False,
+            start_method="spawn",
+        )
+        supervisor = _Supervisor(ctx, d.NODE_ID * d.NUM_PROC_PER_NODE, d.TIMEOUT_SECONDS)
+        previous = {s: signal.signal(s, supervisor.on_signal) for s in _STOP_SIGNALS}
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        supervisor.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for p in ctx.processes:  # nothing may outlive the launcher (multiprocessing would wait for it)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        for f in ctx.error_files:
+            if os.path.exists(f):
+                os.unlink(f)
+
+
 def launch(cfg_root: DictConfig) -> None:
     """Run ENGINE_NAME as a torchrun / srun worker, in this process, or in spawned workers."""
     cfg = cfg_root.config
@@ -228,46 +479,23 @@ def launch(cfg_root: DictConfig) -> None:
     if not 0 <= d.NODE_ID < d.NUM_NODES:
         raise ConfigError(f"config.DISTRIBUTED.NODE_ID={d.NODE_ID} must be in [0, NUM_NODES={d.NUM_NODES}).")
     world = d.NUM_NODES * d.NUM_PROC_PER_NODE
-    if world == 1:
-        run_worker(cfg_root, WorkerInfo(0, 0, 1, 1, "", "gloo", "spawn"))
-        return
-    backend, init = _backend(cfg), _spawn_init_method(cfg)
+    backend, init = (_backend(cfg), _spawn_init_method(cfg)) if world > 1 else ("gloo", "")
     if backend == "nccl" and torch.cuda.device_count() < d.NUM_PROC_PER_NODE:
         raise ConfigError(
             f"config.DISTRIBUTED.NUM_PROC_PER_NODE={d.NUM_PROC_PER_NODE} GPU workers, but this machine has "
             f"{torch.cuda.device_count()} GPU(s)."
         )
-    ctx = torch.multiprocessing.start_processes(
-        _spawned_worker,
-        args=(OmegaConf.to_yaml(cfg_root), d.NODE_ID, d.NUM_PROC_PER_NODE, world, init, backend),
-        nprocs=d.NUM_PROC_PER_NODE,
-        join=False,
-        start_method="spawn",
-    )
-
-    def forward(signum, _frame):  # preemption: each worker checkpoints and stops (PreemptionHook)
-        for p in ctx.processes:
-            if p.is_alive():
-                os.kill(p.pid, signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    # node 0's launcher holds the run folder (the other nodes' workers do not write it, and on a
+    # shared file system they would find it locked by node 0)
+    lock = lock_run_folder(cfg.CHECKPOINT.DIR) if d.NODE_ID == 0 else None
     try:
-        while not ctx.join():
-            pass
-    except torch.multiprocessing.ProcessExitedException as e:
-        rank = d.NODE_ID * d.NUM_PROC_PER_NODE + e.error_index
-        cause = f"signal {e.signal_name}" if e.signal_name else f"exit status {e.exit_code}"
-        hint = " (SIGKILL: killed, possibly by the out-of-memory killer)" if e.signal_name == "SIGKILL" else ""
-        raise UserError(
-            f"worker rank {rank} (pid {e.error_pid}) died with {cause}{hint}; the other workers of this node were "
-            "stopped. Rerun the same command to resume from the last checkpoint."
-        ) from None
-    except torch.multiprocessing.ProcessRaisedException as e:
-        rank = d.NODE_ID * d.NUM_PROC_PER_NODE + e.error_index
-        raise UserError(f"worker rank {rank} failed; the other workers were stopped. Its error:\n{e}") from None
+        if world == 1:
+            run_worker(cfg_root, WorkerInfo(0, 0, 1, 1, init, backend, "spawn"))
+        else:
+            _spawn_and_supervise(cfg_root, world, init, backend)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
