@@ -1,15 +1,28 @@
-"""Resuming 2-process runs: kill -9 of the whole job and the same command gives the same losses;
+"""Resuming 2-process runs: kill -9 of the whole job, of the launcher or of one worker, and the same
+command gives the same losses;
 a finished run extended with more epochs resumes on every rank; SwAV's queue moves to another
 world size; a config change is refused or listed before train_config.yaml is touched."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 import torch
 import yaml
 
 from tests.conftest import read_losses, run_cli
-from tests.engine.resume_utils import ITERATIONS, assert_same_losses, kill_at_iteration, run_to_end, start_run
+from tests.engine.resume_utils import (
+    ITERATIONS,
+    TWO_PROC_ARGS,
+    assert_same_losses,
+    kill_at_iteration,
+    run_to_end,
+    start_run,
+    wait_for_iteration,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +41,24 @@ def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp
     expected = read_losses(ref)
     assert sorted(expected) == list(range(1, ITERATIONS + 1))
 
-    killed_after = kill_at_iteration(run, start_run(run), 17)  # mid-epoch 2, past several checkpoints
-    assert killed_after < ITERATIONS
+    # three interruptions of one run, each resumed by the same command: kill -9 of the whole job
+    # (mid-epoch 2, past several checkpoints), of the launcher alone (its workers die with it), and
+    # of one worker (the launcher stops the other)
+    stopped = []
+    for n, target in ((12, "group"), (22, "launcher"), (32, "worker1")):
+        proc = start_run(run)
+        workers = []
+        if target == "launcher":
+            wait_for_iteration(run, 1, proc)
+            workers = worker_pids(proc)
+        stopped.append(kill_at_iteration(run, proc, n, target=target))
+        assert stopped[-1] < ITERATIONS, f"the run ended before kill -9 of the {target}"
+        assert proc.returncode == (-9 if target in ("group", "launcher") else 2)
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the workers of a killed launcher die with it (PR_SET_PDEATHSIG)
+        assert not any(os.path.exists(f"/proc/{w}") for w in workers)
+    assert stopped == sorted(stopped)
     proc = run_to_end(run)
     resumed = [line for line in proc.stdout.splitlines() if "Resumed at iteration" in line]
     assert len(resumed) == 2 and any(line.startswith("[rank 1]") for line in resumed)  # both ranks resumed
@@ -45,6 +74,15 @@ def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp
     assert out.count("Resumed at iteration 50") == 2, out[-3000:]
     assert "OPTIMIZER.num_epochs: 5 -> 6" in out and out.count("with a changed config") == 1  # once, by rank 0
     assert max(read_losses(ref)) == 60
+
+    # a refused resume on 2 processes: each rank's one-line error, and the launcher does not
+    # suggest rerunning the same command
+    proc = run_cli(
+        *TWO_PROC_ARGS, "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=3", f"config.CHECKPOINT.DIR={ref}"
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Cannot resume" in proc.stderr and "stopped on the error above" in proc.stderr
+    assert "Rerun the same command" not in proc.stderr
 
 
 SWAV = [

@@ -428,6 +428,10 @@ class _Supervisor:
                 f"{self.timeout_s} s) or lost its peer, and no worker of this node is stopped or dead: a worker on "
                 f"another node failed or hangs (rank {rank}'s error is in its log). {end}"
             )
+        if code == 2:  # a UserError: the worker printed its one-line message; resuming would not help
+            return UserError(
+                f"worker rank {rank} stopped on the error above; the other workers of this node were stopped."
+            )
         trace = self._error_text(index) if code == 1 else ""
         if trace:
             return UserError(f"worker rank {rank} (pid {failed.pid}) failed. {end} Its error:\n{trace}")
