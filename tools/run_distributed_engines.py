@@ -6,9 +6,16 @@
 See defaults.yaml for every key, and README.md for the tour.
 """
 
+import signal
 import sys
 
-from vissl_vit.engine.launch import main
+# A scheduler may preempt the job while torch is still being imported (seconds): record SIGTERM and
+# SIGUSR1 from the first line, so that the run stops cleanly (exit 0) instead of dying from them.
+_early: list[int] = []
+for _s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_s, lambda signum, _frame: _early.append(signum))
+
+from vissl_vit.engine.launch import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(early_signals=_early))

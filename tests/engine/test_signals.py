@@ -131,3 +131,38 @@ def test_a_stopped_worker_is_named_and_the_job_ends_soon_after_the_timeout(tmp_p
     # gloo gives up at the timeout; the launcher then kills at once (it waited 30 s more before)
     assert elapsed < 15 + 12, f"the job ended {elapsed:.0f} s after the worker was stopped"
     assert not _alive(workers)  # SIGKILL ends a stopped process too
+
+
+def test_a_stop_signal_while_the_run_is_built_stops_it_before_its_first_step():
+    from tests.engine.test_guards import _toy_trainer
+    from vissl_vit.engine.hooks.checkpoint_hook import Preempted, PreemptionHook, catch_early_preemption
+
+    saved = []
+    checkpoint = type("Checkpoint", (), {"_save": lambda self, name: saved.append(name)})()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        catch_early_preemption()  # run_worker's first call: from here on SIGTERM is recorded
+        os.kill(os.getpid(), signal.SIGTERM)  # ... while data, model and resume are being built
+        trainer = _toy_trainer()
+        trainer.register_hooks([PreemptionHook(checkpoint, lambda t: t, world_size=1)])
+        with pytest.raises(Preempted, match="before training resumed at iteration 0"):
+            trainer.train()
+        assert trainer.iteration == 0 and saved == []  # no step taken, nothing new to save
+        # the request was consumed: the next run trains
+        trainer = _toy_trainer()
+        trainer.register_hooks([PreemptionHook(checkpoint, lambda t: t, world_size=1)])
+        trainer.train()
+        assert trainer.iteration == trainer.max_iterations
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_command_still_imports_torch_exits_0_with_nothing_started(tmp_path):
+    run = tmp_path / "run"
+    proc = start_run(run)
+    time.sleep(1.0)  # the tool's first lines have run; torch takes seconds to import
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "received SIGTERM before the workers started: nothing was started" in (run.parent / "run.out").read_text()
+    assert "Traceback" not in _stderr(run) and not (run / "stdout.json").exists()

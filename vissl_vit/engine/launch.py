@@ -48,6 +48,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config import compose_config
+from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption, early_preemption
 from vissl_vit.engine.run_lock import lock_run_folder
 from vissl_vit.errors import ConfigError, UserError
 from vissl_vit.utils.cli import cli_main
@@ -223,6 +224,7 @@ def run_worker(cfg_root: DictConfig, info: WorkerInfo) -> None:
         CollectiveError: a collective timed out or lost its peer (the message says which rank).
     """
     engine = _engine(cfg_root.config.ENGINE_NAME)
+    catch_early_preemption()
     lock = lock_run_folder(cfg_root.config.CHECKPOINT.DIR) if info.how != "spawn" and info.rank == 0 else None
     try:
         if info.world_size == 1:
@@ -268,6 +270,7 @@ def _spawned_worker(
     # Ctrl-C is the launcher's to handle (it forwards SIGTERM): a terminal's Ctrl-C reaches the
     # whole foreground group, this worker and its loader workers included
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    catch_early_preemption()  # a SIGTERM while the run is built stops it cleanly before its first step
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     info = WorkerInfo(node_id * local_world + local_rank, local_rank, world, local_world, init, backend, "spawn")
     try:
@@ -456,6 +459,8 @@ def _spawn_and_supervise(cfg_root: DictConfig, world: int, init: str, backend: s
         )
         supervisor = _Supervisor(ctx, d.NODE_ID * d.NUM_PROC_PER_NODE, d.TIMEOUT_SECONDS)
         previous = {s: signal.signal(s, supervisor.on_signal) for s in _STOP_SIGNALS}
+        if early_preemption():  # it came after launch() looked: the workers stop before their first step
+            supervisor.on_signal(signal.SIGTERM, None)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
@@ -472,8 +477,15 @@ def _spawn_and_supervise(cfg_root: DictConfig, world: int, init: str, backend: s
                 os.unlink(f)
 
 
-def launch(cfg_root: DictConfig) -> None:
-    """Run ENGINE_NAME as a torchrun / srun worker, in this process, or in spawned workers."""
+def launch(cfg_root: DictConfig, early_signals: list[int] | tuple[int, ...] = ()) -> None:
+    """Run ENGINE_NAME as a torchrun / srun worker, in this process, or in spawned workers.
+
+    Args:
+        cfg_root: the composed config.
+        early_signals: SIGTERM / SIGUSR1 received before this call (the command line records them
+            from its first line): the run then stops before it starts, with exit status 0.
+    """
+    catch_early_preemption(early_signals)
     cfg = cfg_root.config
     info = environment_worker(cfg)
     if info is not None:
@@ -493,6 +505,9 @@ def launch(cfg_root: DictConfig) -> None:
     # shared file system they would find it locked by node 0)
     lock = lock_run_folder(cfg.CHECKPOINT.DIR) if d.NODE_ID == 0 else None
     try:
+        if world > 1 and early_preemption():
+            print(f"vissl_vit: received {early_preemption()} before the workers started: nothing was started.")
+            return
         if world == 1:
             run_worker(cfg_root, WorkerInfo(0, 0, 1, 1, init, backend, "spawn"))
         else:
@@ -502,9 +517,15 @@ def launch(cfg_root: DictConfig) -> None:
             lock.release()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status."""
-    return cli_main(lambda args: launch(compose_config(args)), sys.argv[1:] if argv is None else argv, USAGE)
+def main(argv: list[str] | None = None, early_signals: list[int] | None = None) -> int:
+    """The command line; returns the exit status.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+        early_signals: stop signals the calling script recorded while it imported this module.
+    """
+    run = lambda args: launch(compose_config(args), early_signals or ())  # noqa: E731
+    return cli_main(run, sys.argv[1:] if argv is None else argv, USAGE)
 
 
 if __name__ == "__main__":

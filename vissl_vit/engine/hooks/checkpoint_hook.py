@@ -223,6 +223,34 @@ class CheckpointHook(HookBase):
             self._save(f"model_phase{done - 1}.torch")
 
 
+# A stop signal that arrives while the run is still being built (data, model, resume), before
+# PreemptionHook installs its own handler: recorded here, so that the run stops cleanly (exit 0)
+# before its first step instead of dying from the signal's default action.
+_EARLY_SIGNALS: list[str] = []
+
+
+def _record_early_signal(signum: int, _frame: Any) -> None:
+    _EARLY_SIGNALS.append(signal.Signals(signum).name)
+
+
+def catch_early_preemption(already: list[int] | tuple[int, ...] = ()) -> None:
+    """Record SIGTERM / SIGUSR1 from now on until PreemptionHook takes over (main thread only).
+
+    Args:
+        already: signals a caller recorded before it could import this module (the command-line
+            tool catches them from its first line, while torch is still being imported).
+    """
+    _EARLY_SIGNALS.extend(signal.Signals(s).name for s in already)
+    if threading.current_thread() is threading.main_thread():
+        for s in PreemptionHook.SIGNALS:
+            signal.signal(s, _record_early_signal)
+
+
+def early_preemption() -> str | None:
+    """The first stop signal received while the run was being built, or None."""
+    return _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
+
+
 class Preempted(Exception):
     """Raised after a signal-triggered checkpoint, to stop training cleanly."""
 
@@ -255,6 +283,16 @@ class PreemptionHook(HookBase):
     def before_train(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        early = bool(_EARLY_SIGNALS)
+        if early:
+            logger.warning("Received %s while the run was being built: stopping before training", _EARLY_SIGNALS[0])
+            _EARLY_SIGNALS.clear()
+        flag = torch.tensor([float(early)], dtype=torch.float64)
+        if self.world_size > 1:
+            flag = self.all_reduce(flag)  # every rank stops, or none
+        if flag.item() > 0:
+            # nothing new to save: the run folder holds what a rerun resumes from
+            raise Preempted(f"preempted before training resumed at iteration {self.trainer.iteration}; rerun to resume")
 
     def after_train(self) -> None:
         for s, h in self._previous.items():
