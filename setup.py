@@ -36,6 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vissl_vit", "vissl_vit.*"]),
+    package_data={"vissl_vit.config": ["vissl_vocabulary.yaml"]},  # VISSL's key vocabulary (issue 11)
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

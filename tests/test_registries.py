@@ -41,6 +41,7 @@ LOSS_CASES = {
     ),
     "moco_loss": (dict(embedding_dim=4, queue_size=8), lambda x: [x[:2], x[2:]], None),
     "swav_loss": (dict(embedding_dim=4, num_prototypes=[5]), _swav_output, None),
+    "simclr_info_nce_loss": (dict(buffer_params={"embedding_dim": 4}), lambda x: [x], None),
 }
 
 

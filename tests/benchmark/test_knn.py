@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -114,3 +115,110 @@ def test_tool_on_a_quick_run(tmp_path, capsys):
         "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True",
     ]
     assert launch_main(moco) == 2 and "one view per image" in capsys.readouterr().err
+
+
+def _nn_cfg(tmp_path, *extra):
+    return compose_config(
+        [
+            "config=test/quick_vit",
+            "+config/test/overlays=knn",
+            "config.NEAREST_NEIGHBOR.BACKEND=torch",
+            "config.NEAREST_NEIGHBOR.TOPK=[1]",
+            "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True",
+            f"config.CHECKPOINT.DIR={tmp_path / 'run'}",
+            *extra,
+        ]
+    ).config
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_l2_norm_feats_decides_cosine_or_inner_product(tmp_path, l2):
+    # VISSL's knn_utils.run_knn_at_layer: features are normalised only with L2_NORM_FEATS, and the
+    # neighbours are the largest torch.mm(test, train.T). Query (1, 0.1): the class-1 bank point
+    # (1, 0.1) has cosine 1 but inner product 1.01; the class-0 point (10, 0) has inner product 10.
+    from vissl_vit.engine.extract_engine import feature_file, nearest_neighbor
+
+    np_ = pytest.importorskip("numpy")
+    arrays = {
+        ("TRAIN", "features"): np_.array([[10.0, 0.0], [1.0, 0.1]], np_.float32),
+        ("TRAIN", "targets"): np_.array([0, 1]),
+        ("TEST", "features"): np_.array([[1.0, 0.1]], np_.float32),
+        ("TEST", "targets"): np_.array([1]),
+    }
+    for (split, kind), a in arrays.items():
+        np_.save(feature_file(str(tmp_path), split, "f", kind), a)
+    cfg = _nn_cfg(tmp_path, f"config.NEAREST_NEIGHBOR.L2_NORM_FEATS={l2}")
+    record = nearest_neighbor(cfg, str(tmp_path), "f")
+    assert record["results"]["1"]["top_1"] == (100.0 if l2 else 0.0)
+    assert record["l2_norm_feats"] is l2
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    run_train_engine(compose_config(["config=test/quick_vit", f"config.CHECKPOINT.DIR={run}"]))
+    return run
+
+
+def _extracted(cfg, split="train"):
+    import numpy as np
+
+    from vissl_vit.engine.extract_engine import run_nearest_neighbor_engine
+
+    record = run_nearest_neighbor_engine(cfg)
+    folder = os.path.join(cfg.config.CHECKPOINT.DIR, "features")
+    return record, torch.from_numpy(np.load(os.path.join(folder, f"{split}_{record['feature']}_features.npy")))
+
+
+# VISSL's kNN base configs (configs/config/benchmark/nearest_neighbor/eval_resnet_8gpu_in1k_kNN.yaml)
+VISSL_KNN_BASE = [
+    "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=True",
+    "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD=True",
+    "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD=True",
+]
+# and a trunk overlay over it (its models/dino/vit_b16.yaml)
+VISSL_TRUNK_OVERLAY = [
+    "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=True",
+    "config.MODEL.FEATURE_EVAL_SETTINGS.EXTRACT_TRUNK_FEATURES_ONLY=True",
+    "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[lastCLS,[Identity,[]]]]",
+    "config.MODEL.HEAD.PARAMS=[]",
+]
+
+
+def test_vissl_knn_base_runs_on_the_loaded_heads_and_its_trunk_overlay_on_the_trunk(tmp_path, pretrained):
+    from vissl_vit.engine.checkpoint import find_latest, load_checkpoint
+    from vissl_vit.models.heads.vision_transformer_head import VisionTransformerHead
+
+    common = [
+        "config=test/quick_vit",
+        "+config/test/overlays=knn",
+        "config.NEAREST_NEIGHBOR.BACKEND=torch",
+        f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+    ]
+    # the base alone: VISSL's extraction has no trunk feature names, so kNN runs on "heads", the
+    # pretrained head's output (should_init_head_weights: EVAL_TRUNK_AND_HEAD loads the heads)
+    base = compose_config([*common, *VISSL_KNN_BASE, f"config.CHECKPOINT.DIR={tmp_path / 'base'}"])
+    record, heads_out = _extracted(base)
+    assert record["feature"] == "heads" and heads_out.shape == (64, 4)
+    # base + trunk overlay: both FREEZE_TRUNK_* set, composes as in VISSL (FREEZE_TRUNK_ONLY wins)
+    # and kNN runs on the trunk's lastCLS
+    pair = compose_config(
+        [*common, *VISSL_KNN_BASE, *VISSL_TRUNK_OVERLAY, f"config.CHECKPOINT.DIR={tmp_path / 'pair'}"]
+    )
+    record, cls = _extracted(pair)
+    assert record["feature"] == "lastCLS" and cls.shape == (64, 32)
+    # the base's features are the pretrained head applied to those trunk features
+    heads = load_checkpoint(find_latest(str(pretrained)))["classy_state_dict"]["base_model"]["model"]["heads"]
+    head = VisionTransformerHead(in_plane=32, num_classes=4).eval()
+    head.load_state_dict({k[len("0.") :]: v for k, v in heads.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(heads_out, head(cls), atol=1e-5, rtol=1e-5)
+
+
+def test_votes_of_raw_inner_products_do_not_overflow():
+    # unnormalised features (L2_NORM_FEATS False): exp(1000 / 0.07) is inf in float64, which would
+    # tie every class. Votes: class 0 e^{1000/T}, class 1 2 e^{999.99/T} = 1.73 e^{1000/T}: class 1.
+    sim = torch.tensor([[1000.0, 999.99, 999.99]])
+    idx = torch.tensor([[0, 1, 2]])
+    got = weighted_knn_accuracy(sim, idx, torch.tensor([0, 1, 1]), torch.tensor([1]), [3], 0.07)
+    assert got["3"]["top_1"] == 100.0

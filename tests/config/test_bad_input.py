@@ -47,6 +47,7 @@ LR = "config.OPTIMIZER.param_schedulers.lr"
                 f"{LR}.name=constant",
                 f"{LR}.value=100.0",
                 f"{LR}.auto_lr_scaling.auto_scale=True",
+                f"{LR}.auto_lr_scaling.base_value=100.0",  # VISSL's rule: lr = base_value x 16
                 f"{LR}.auto_lr_scaling.base_lr_batch_size=1",
             ],
             r"lr.value=1600 after auto_lr_scaling \(x 16\): an absurd learning rate",

@@ -150,3 +150,22 @@ def test_duplicate_key_in_a_file_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(compose, "configs_dir", lambda: root)
     with pytest.raises(ConfigError, match=r"key 'DROP_PATH_RATE' is set twice in the same mapping \(lines 6 and 7\)"):
         compose.compose_config(["config=dup"])
+
+
+def test_vissl_top_level_keys_are_accepted_and_others_refused(tmp_path, monkeypatch):
+    import vissl_vit.config.compose as compose
+
+    root = tmp_path / "config"
+    root.mkdir()
+    monkeypatch.setattr(compose, "configs_dir", lambda: root)
+    (root / "ok.yaml").write_text(
+        "# @package _global_\nengine_name: extract_features\nVERSION: 1\nconfig:\n  DATA:\n"
+        "    TRAIN: {DATA_SOURCES: [synthetic]}\n    TEST: {DATA_SOURCES: [synthetic]}\n"
+    )
+    cfg = compose.compose_config(
+        ["config=ok", "config.MACHINE.DEVICE=cpu", "config.MODEL.WEIGHTS_INIT.ALLOW_RANDOM_INIT=True"]
+    )
+    assert cfg.config.ENGINE_NAME == "extract_features"  # VISSL's top-level engine_name, mapped
+    (root / "bad.yaml").write_text("# @package _global_\nengine: train\nconfig: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: a config file holds one top-level mapping `config:`"):
+        compose.compose_config(["config=bad"])

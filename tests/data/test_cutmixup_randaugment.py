@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import run_cli
 from vissl_vit.data.collators.cutmixup import cutmixup_collator
 from vissl_vit.data.transforms.rand_augment import RandAugment
+from vissl_vit.errors import ConfigError
 
 
 def _samples(n=4, size=8, seed=3, crops=None):
@@ -59,10 +62,70 @@ def test_ssl_crops_all_mixed_labels_kept_and_deterministic():
     assert [d.shape for d in a["data"]] == [(4, 3, 8, 8), (4, 3, 4, 4)]
     assert a["label"].tolist() == [0, 1, 2, 0]
     assert all(torch.equal(x, y) for x, y in zip(a["data"], b["data"]))
-    changed = [not torch.equal(a["data"][c][0], torch.full_like(a["data"][c][0], 1.0)) for c in range(2)]
-    assert changed == [True, True] or a["mix_lambda"][0] == 1.0
-    with pytest.raises(ValueError, match="set ssl_method"):
+    # VISSL vissl/data/collators/cutmixup_collator.py, cutmixup_collator: the Mixup object is called
+    # once per crop position, so each crop has its own lam (defaults: mixup, alpha 1.0); partner: the mirror
+    lam = a["mix_lambda"]
+    assert lam.shape == (2, 4) and lam[0, 0] != lam[1, 0]
+    for c, size in enumerate([8, 4]):
+        expected = torch.full((3, size, size), lam[c, 0].item() * 1 + (1 - lam[c, 0].item()) * 4)
+        torch.testing.assert_close(a["data"][c][0], expected)
+    with pytest.raises(ConfigError, match="set ssl_method"):
         cutmixup_collator(_samples(crops=[8, 4]))
+
+
+def test_defaults_are_vissl_mixup_defaults():
+    # VISSL vissl/data/collators/cutmixup_collator.py, Mixup.__init__: mixup_alpha=1.0,
+    # cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode="batch",
+    # correct_lam=True, label_smoothing=0.1, num_classes=1000
+    vissl = {
+        "mixup_alpha": 1.0, "cutmix_alpha": 0.0, "cutmix_minmax": None, "prob": 1.0, "switch_prob": 0.5,
+        "mode": "batch", "correct_lam": True, "label_smoothing": 0.1, "num_classes": 1000,
+    }  # fmt: skip
+    params = inspect.signature(cutmixup_collator).parameters
+    assert {k: params[k].default for k in vissl} == vissl
+    # with the defaults a batch is blended (mixup), not pasted (CutMix): no pixel keeps its value
+    batch = cutmixup_collator(_samples(), num_classes=3)
+    assert not torch.any(batch["data"][0] == 1.0) and 0 < batch["mix_lambda"][0] < 1
+
+
+def test_cutmix_minmax_box_sides_and_lambda():
+    # VISSL cutmixup_collator.py rand_bbox_minmax: each side uniform in [min, max) of the image's,
+    # lam = 1 - box area / image area (always corrected); cutmix_alpha forced to 1.0
+    for seed in range(5):
+        batch = cutmixup_collator(
+            _samples(size=20, seed=seed), cutmix_minmax=[0.2, 0.5], mixup_alpha=0.0, num_classes=3
+        )
+        pasted = batch["data"][0, 0] == 4.0  # sample 0 holds 1, its mirror 4
+        rows, cols = pasted.any(1).sum().item(), pasted.any(0).sum().item()
+        assert 4 <= rows < 10 and 4 <= cols < 10 and pasted.sum().item() == rows * cols
+        assert batch["mix_lambda"][0].item() == pytest.approx(1 - rows * cols / 400)
+
+
+def test_multicrop_without_ssl_method_is_a_config_error_before_the_loader():
+    from vissl_vit.config import compose_config
+
+    with pytest.raises(ConfigError, match=r"set config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.ssl_method"):
+        compose_config(["config=test/quick_swav", "config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator"])
+    cfg = compose_config(
+        [
+            "config=test/quick_swav",
+            "config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator",
+            "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.ssl_method=swav",
+        ]
+    )
+    assert cfg.config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.ssl_method == "swav"
+
+
+@pytest.mark.slow
+def test_multicrop_without_ssl_method_is_one_line_on_the_command_line(tmp_path):
+    # a loader worker (NUM_DATALOADER_WORKERS=1) would wrap a collator error in a traceback
+    proc = run_cli(
+        "config=test/quick_swav",
+        "config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator",
+        "config.DATA.NUM_DATALOADER_WORKERS=1",
+        f"config.CHECKPOINT.DIR={tmp_path}",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ssl_method" in proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -83,5 +146,5 @@ def test_randaugment_is_seeded_and_can_be_off():
     random.seed(5)
     assert np.array_equal(a, np.asarray(ra(img))) and not np.array_equal(a, np.asarray(img))
     assert np.array_equal(np.asarray(RandAugment(prob=0.0)(img)), np.asarray(img))
-    with pytest.raises(ValueError, match="magnitude"):
+    with pytest.raises(ConfigError, match="magnitude"):
         RandAugment(magnitude=11)

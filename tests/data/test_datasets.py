@@ -172,3 +172,30 @@ def test_fifo_named_like_an_image_is_an_unreadable_image(tmp_path):
     assert sample["bad"] == 1 and sample["bad_path"] == str(fifo)
     assert sample["data"].getpixel((0, 0)) == (2, 2, 2)  # cat/2.png took its place
     assert len(paths) == 6
+
+
+def test_label_sources_win_over_sample_index(tmp_path):
+    # VISSL's rule (vissl/data/ssl_dataset.py, GenericSSLDataset.__getitem__: label_objs first) and
+    # VISSL's tutorial 1gpu_vit_example: LABEL_SOURCES [disk_folder] + LABEL_TYPE sample_index trains on
+    # the class labels.
+    make_folder(tmp_path, classes=("ant", "bee"), per_class=3)
+    data = [
+        "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
+        "config.DATA.TRAIN.DATASET_NAMES=[tiny]",
+        f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path}]",
+    ]
+    for label_type in ("sample_index", "zero"):
+        cfg = compose_config(
+            [
+                "config=test/quick_vit",
+                *data,
+                "config.DATA.TRAIN.LABEL_SOURCES=[disk_folder]",
+                f"config.DATA.TRAIN.LABEL_TYPE={label_type}",
+            ]
+        ).config
+        ds = build_dataset(cfg, "TRAIN")
+        assert [ds[(i, 0)]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    # without label sources sample_index applies
+    cfg = compose_config(["config=test/quick_vit", *data, "config.DATA.TRAIN.LABEL_TYPE=sample_index"]).config
+    ds = build_dataset(cfg, "TRAIN")
+    assert [ds[(i, 0)]["label"] for i in range(6)] == [0, 1, 2, 3, 4, 5]

@@ -186,3 +186,40 @@ def test_merge_orders_by_index_drops_padding_and_works_in_chunks(tmp_path):
         "train_f_inds.npy",
         "train_f_targets.npy",
     ]
+
+
+def test_both_freeze_flags_compose_as_in_vissl(pretrained):
+    # VISSL's train_task.py build_model: "if FREEZE_TRUNK_ONLY: freeze_trunk() elif
+    # FREEZE_TRUNK_AND_HEAD: freeze_head_and_trunk()": with both set, the heads still train
+    both = [*LINEAR, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"]
+    cfg = compose_config([*both, "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD=True"]).config
+    assert cfg.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY
+    model = build_model(cfg)
+    model.train()
+    assert not model.freeze_heads and model.heads.training and not model.trunk.training
+    assert all(p.requires_grad for p in model.heads.parameters())
+    assert all(not p.requires_grad for p in model.trunk.parameters())
+
+
+def test_a_head_chain_on_one_feature_runs_as_one_chain(pretrained):
+    # VISSL's base_ssl_model.py heads_forward: #heads == #features -> a head per feature; one
+    # feature and several heads -> the heads in sequence (a kNN overlay over a projection head)
+    cfg = compose_config(
+        [
+            "config=test/quick_vit",
+            "+config/test/overlays=knn",
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+            "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=True",
+            "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=True",
+            "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD=True",
+            "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD=True",
+            "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[32,16]}],[mlp,{dims:[16,8]}]]",
+        ]
+    ).config
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x)
+        expected = model.heads[1](model.heads[0](model.trunk(x)[0]))
+    assert len(out) == 1 and out[0].shape == (2, 8)
+    torch.testing.assert_close(out[0], expected)

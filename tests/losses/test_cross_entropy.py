@@ -47,8 +47,21 @@ def test_ignore_index_and_multiple_outputs():
     target = torch.tensor([1, -100, 2])
     single = torch.nn.functional.cross_entropy(a[[0, 2]], target[[0, 2]])
     assert CE()([a], target).item() == pytest.approx(single.item())
-    both = (CE()([a], target) + CE()([b], target)) / 2
+    # VISSL sums the outputs' losses (vissl/losses/cross_entropy_multiple_output_single_target.py,
+    # CrossEntropyMultipleOutputSingleTargetCriterion.forward: loss += ... for each output)
+    both = CE()([a], target) + CE()([b], target)
     assert CE()([a, b], target).item() == pytest.approx(both.item())
+
+
+def test_each_head_gets_its_own_gradient():
+    # the sum: a head's gradient does not depend on how many other heads are trained with it
+    a = torch.randn(5, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 0])
+    CE()([a], target).backward()
+    alone = a.grad.clone()
+    a.grad = None
+    CE()([a, torch.randn(5, 4), torch.randn(5, 4)], target).backward()
+    assert torch.allclose(a.grad, alone)
 
 
 def test_torch_loss_by_name_and_unknown_name():

@@ -81,12 +81,13 @@ def test_v3_trunk_options():
     assert not trunk.pos_embed.requires_grad and not trunk.patch_embed.proj.weight.requires_grad
     torch.testing.assert_close(trunk.pos_embed, sincos_2d_pos_embed(4, 16, 1))
     assert torch.equal(trunk.pos_embed[0, 0], torch.zeros(16))  # class token: no position
-    # a position's embedding: sin/cos of x then of y, at frequencies 1 / 10000^(i / 4)
+    # a position's embedding: sin/cos of the row, then of the column (MoCo v3's vits.py order),
+    # at frequencies 1 / 10000^(i / 4)
     pe = sincos_2d_pos_embed(4, 16, 0)[0]
-    x, y = 2, 1  # token 1 * 4 + 2
+    x, y = 2, 1  # token 1 * 4 + 2: row 1, column 2
     omega = 1.0 / 10000 ** (torch.arange(4) / 4)
     torch.testing.assert_close(
-        pe[6], torch.cat([(x * omega).sin(), (x * omega).cos(), (y * omega).sin(), (y * omega).cos()])
+        pe[6], torch.cat([(y * omega).sin(), (y * omega).cos(), (x * omega).sin(), (x * omega).cos()])
     )
 
 

@@ -15,10 +15,12 @@ from vissl_vit.registry import HEADS, TRUNKS
 timm = pytest.importorskip("timm")
 
 
-def _pair(classifier: str, qkv_bias: bool = True):
+def _pair(pooling: str, qkv_bias: bool = True):
+    """timm's ViT and ours with the same weights. pooling: "token"; "gap" (VISSL's order: timm's
+    global_pool="avg", fc_norm=False); "gap_fc_norm" (timm's default avg order, fc_norm=True)."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    pool = "token" if classifier == "token" else "avg"
+    pool = "token" if pooling == "token" else "avg"
     ref = TimmViT(
         img_size=32,
         patch_size=8,
@@ -29,8 +31,13 @@ def _pair(classifier: str, qkv_bias: bool = True):
         qkv_bias=qkv_bias,
         num_classes=10,
         global_pool=pool,
+        fc_norm=pooling == "gap_fc_norm",
         dynamic_img_size=True,
     ).eval()
+    with torch.no_grad():  # a norm that is not the identity, so that the two orders differ
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
     ours = VisionTransformer(
         image_size=32,
         patch_size=8,
@@ -39,26 +46,54 @@ def _pair(classifier: str, qkv_bias: bool = True):
         hidden_dim=64,
         mlp_dim=256,
         qkv_bias=qkv_bias,
-        classifier=classifier,
+        classifier="token" if pooling == "token" else "gap",
+        fc_norm=pooling == "gap_fc_norm",
     ).eval()
-    # timm names the final norm fc_norm when it pools; the head is ours to build separately
+    # timm names the final norm fc_norm when it pools first; the head is ours to build separately
     sd = {k.replace("fc_norm", "norm"): v for k, v in ref.state_dict().items() if not k.startswith("head.")}
     ours.load_state_dict(sd, strict=True)
     head = VisionTransformerHead(in_plane=64, num_classes=10).eval()
     head.layers.head.load_state_dict(ref.head.state_dict())
+    with torch.no_grad():
+        head.layers.head.weight.normal_(std=0.1)  # timm inits the head at 0: logits would all be equal
+        ref.head.weight.copy_(head.layers.head.weight)
     return ref, ours, head
 
 
-@pytest.mark.parametrize("classifier", ["token", "gap"])
+@pytest.mark.parametrize("pooling", ["token", "gap", "gap_fc_norm"])
 @pytest.mark.parametrize("size", [32, 48])  # 48: position embeddings interpolated to a 6x6 grid
-def test_logits_match_timm(classifier, size):
+def test_logits_match_timm(pooling, size):
     torch.manual_seed(0)
-    ref, ours, head = _pair(classifier)
+    ref, ours, head = _pair(pooling)
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         expected = ref(x)
         got = head(ours(x)[0])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_orders_are_vissls_features_and_differ():
+    # VISSL's vision_transformer.py get_intermediate_features: lastPOOL = FeatAvgPool(norm(x)), the
+    # mean of the normed tokens; the fc_norm trunk's default output is norm(mean) instead
+    torch.manual_seed(0)
+    _, vissl, _ = _pair("gap")
+    _, timm_order, _ = _pair("gap_fc_norm")
+    timm_order.load_state_dict(vissl.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        blk = vissl(x, ["lastBLK"])[0][:, 1:]  # every patch token after the final norm
+        assert vissl.default_feature() == "lastPOOL" and timm_order.default_feature() == "lastFCNORM"
+        torch.testing.assert_close(vissl(x)[0], blk.mean(1))
+        for m in (vissl, timm_order):  # the feature names mean the same in both trunks
+            pool, cat2, fc = m(x, ["lastPOOL", "concatPOOL2", "lastFCNORM"])
+            torch.testing.assert_close(pool, blk.mean(1))
+            torch.testing.assert_close(cat2[:, 64:], blk.mean(1))
+            assert not torch.allclose(fc, pool, atol=1e-3)
+        torch.testing.assert_close(timm_order(x)[0], timm_order(x, ["lastFCNORM"])[0])
+    with pytest.raises(ValueError, match="needs classifier='gap'"):
+        VisionTransformer(
+            image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, fc_norm=True
+        )
 
 
 def test_no_qkv_bias_matches_timm():
@@ -180,3 +215,37 @@ def test_registry_lookup_lists_known_names():
         match=r"Unknown trunk 'vision_transfomer'.*Did you mean 'vision_transformer'.*Known trunk names: vision_transformer",
     ):
         TRUNKS.get("vision_transfomer")
+
+
+def _mocov3_sincos(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's VisionTransformerMoCo.build_2d_sincos_position_embedding (facebookresearch/moco-v3,
+    vits.py), transcribed: meshgrid (default ij indexing) of arange(w) and arange(h), the "w" grid
+    first, omega_d = 1 / temperature^(d / (dim/4)), [sin(w), cos(w), sin(h), cos(h)], a zero row for
+    the class token in front. Returns [1, 1 + h*w, dim]."""
+    gw, gh = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ow, oh = gw.flatten()[:, None] * omega[None], gh.flatten()[:, None] * omega[None]
+    pe = torch.cat([ow.sin(), ow.cos(), oh.sin(), oh.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe])[None]
+
+
+@pytest.mark.parametrize("grid,dim", [(4, 16), (14, 384), (7, 96)])
+def test_sincos_pos_embed_equals_mocov3_exactly(grid, dim):
+    from vissl_vit.models.layers import sincos_2d_pos_embed
+
+    ref = _mocov3_sincos(grid, grid, dim)
+    assert torch.equal(sincos_2d_pos_embed(grid, dim, 1), ref)
+    # the old order (column quarters first) is a different embedding: the test can tell
+    q = dim // 4
+    swapped = torch.cat([ref[..., 2 * q :], ref[..., : 2 * q]], dim=-1)
+    assert not torch.equal(sincos_2d_pos_embed(grid, dim, 1), swapped)
+    trunk = VisionTransformer(
+        image_size=grid * 4,
+        patch_size=4,
+        num_layers=1,
+        num_heads=4,
+        hidden_dim=dim,
+        mlp_dim=dim,
+        pos_embed_type="sincos",
+    )
+    assert torch.equal(trunk.pos_embed.data, ref) and not trunk.pos_embed.requires_grad

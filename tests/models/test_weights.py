@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa:
 DIM, DEPTH, HEADS, CLASSES = 32, 2, 2, 4
 
 
-def _timm(img=16, global_pool="token", class_token=True, seed=0) -> TimmViT:
+def _timm(img=16, global_pool="token", class_token=True, seed=0, fc_norm=None) -> TimmViT:
     torch.manual_seed(seed)
     m = TimmViT(
         img_size=img,
@@ -31,6 +31,7 @@ def _timm(img=16, global_pool="token", class_token=True, seed=0) -> TimmViT:
         num_classes=CLASSES,
         global_pool=global_pool,
         class_token=class_token,
+        fc_norm=fc_norm,
         dynamic_img_size=True,
     ).eval()
     with torch.no_grad():  # non-trivial values everywhere (timm inits the head and cls token at 0)
@@ -73,17 +74,38 @@ def test_timm_state_dict_gives_timm_logits_and_features(tmp_path):
         assert not torch.allclose(fresh.trunk(x)[0], _timm_feature(ref, x), atol=1e-3)
 
 
-def test_average_pooling_timm_model_loads_into_a_gap_trunk(tmp_path):
-    ref = _timm(global_pool="avg", class_token=False)
-    torch.save(ref.state_dict(), tmp_path / "timm_gap.pth")  # its final norm is fc_norm
-    gap = [
-        "config.MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap",
-        "config.MODEL.TRUNK.VISION_TRANSFORMERS.USE_CLASS_TOKEN=False",
-    ]
-    ours, _ = _our_model(tmp_path, tmp_path / "timm_gap.pth", *gap)
+GAP = [
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap",
+    "config.MODEL.TRUNK.VISION_TRANSFORMERS.USE_CLASS_TOKEN=False",
+]
+FC_NORM = "config.MODEL.TRUNK.VISION_TRANSFORMERS.FC_NORM=True"
+
+
+@pytest.mark.parametrize("fc_norm", [False, True])
+def test_average_pooling_timm_models_load_in_their_order(tmp_path, fc_norm):
+    # fc_norm=False: VISSL's order (norm every token, then average; its norm is "norm");
+    # fc_norm=True: timm's default avg order (average, then "fc_norm"), our FC_NORM
+    ref = _timm(global_pool="avg", class_token=False, fc_norm=fc_norm)
+    assert any(k.startswith("fc_norm.weight") for k in ref.state_dict()) == fc_norm
+    torch.save(ref.state_dict(), tmp_path / "timm_gap.pth")
+    right = [*GAP, FC_NORM] if fc_norm else GAP
+    ours, _ = _our_model(tmp_path, tmp_path / "timm_gap.pth", *right)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(ours(x)[0], ref(x), atol=1e-5)
+        torch.testing.assert_close(ours(x)[0], ref(x), atol=1e-5, rtol=1e-5)
+    # the other order would load every tensor and compute something else: refused, naming the key
+    wrong = GAP if fc_norm else [*GAP, FC_NORM]
+    with pytest.raises(UserError, match=f"FC_NORM={fc_norm}"):
+        _our_model(tmp_path, tmp_path / "timm_gap.pth", *wrong)
+    # the converter writes each order back in timm's names
+    assert convert_main(["--to", "vissl_vit", str(tmp_path / "timm_gap.pth"), str(tmp_path / "ours.torch")]) == 0
+    extra = ["--fc-norm"] if fc_norm else []
+    assert convert_main(["--to", "timm", *extra, str(tmp_path / "ours.torch"), str(tmp_path / "back.pth")]) == 0
+    back = _timm(global_pool="avg", class_token=False, fc_norm=fc_norm, seed=3)
+    back.load_state_dict(torch.load(tmp_path / "back.pth"), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref(x), atol=1e-6, rtol=1e-6)
+    assert convert_main(["--to", "timm", "--fc-norm", "--global-pool", "token", str(tmp_path / "ours.torch"), "o"]) == 2
 
 
 def _trunk_only(sd: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of L2-normalised features (DINO's protocol).
+"""Weighted k-nearest-neighbour classification of features (DINO's protocol; VISSL's knn_utils).
 
 Wu et al. 2018 / Caron et al. 2021 (DINO, arXiv:2104.14294): cosine similarity to every training
 feature, the k most similar vote for their class with weight exp(similarity / T), T = 0.07.
@@ -125,7 +125,13 @@ def weighted_knn_accuracy(
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     valid = idx >= 0
     labels = bank_labels[idx.clamp(min=0)]
-    weights = torch.where(valid, (sim.double() / temperature).exp(), torch.zeros((), dtype=torch.float64))
+    # exp((s - s_max) / T): the same votes up to a factor per query, so the same predictions, but
+    # finite for the raw inner products of unnormalised features (L2_NORM_FEATS False), where
+    # exp(s / T) overflows (s = 100 at T = 0.07 is already e^1428)
+    s = torch.where(valid, sim.double(), torch.full((), -torch.inf, dtype=torch.float64))
+    top = s.max(dim=1, keepdim=True).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.where(valid, ((s - top) / temperature).exp(), torch.zeros((), dtype=torch.float64))
     results = {}
     for k in ks:
         k_eff = min(k, idx.shape[1])

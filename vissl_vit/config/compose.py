@@ -23,7 +23,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config.paths import configs_dir, defaults_path, list_configs
-from vissl_vit.config.validate import check_cross_keys, check_environment, check_source, coerce_override
+from vissl_vit.config.validate import (
+    check_cross_keys,
+    check_environment,
+    check_source,
+    coerce_override,
+    raise_problems,
+)
+from vissl_vit.config.vissl_compat import Translation, log_notes, top_level_keys, translate_override, translate_source
 from vissl_vit.errors import ConfigError, closest
 
 USAGE = (
@@ -66,8 +73,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:
         return {}
-    if not isinstance(data, dict) or set(data) - {"config"}:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+    if not isinstance(data, dict) or set(data) - {"config"} - top_level_keys():
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(
             f"{path}: a config file holds one top-level mapping `config:` (VISSL's format, with "
             f"`# @package _global_` on its first line); found {keys}."
@@ -103,42 +110,97 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             wrong type, with the source, the key and the closest real key in the message.
     """
     defaults = load_yaml(defaults_path())
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
-    except HydraException as e:
-        raise ConfigError(f"Could not parse the command line: {e}. {USAGE}") from None
+    t = Translation(problems=[], notes=[])
+    parsed = _parse_arguments(list(overrides), t.problems)
 
     main_file: Path | None = None
     overlays: list[Path] = []
     dotted: list[tuple[str, Any, str]] = []
     for o in parsed:
+        if isinstance(o, tuple):  # a JSON-style value, parsed by _parse_arguments
+            dotted.append(o)
+            continue
         key = o.key_or_group
-        if o.is_delete():
-            raise ConfigError(f"'{o.input_line}': deleting keys is not supported; set a value instead. {USAGE}")
-        if key == "config" and not o.is_add():
-            if main_file is not None:
-                raise ConfigError(f"'{o.input_line}': only one config=... may be given. {USAGE}")
-            main_file = _resolve_config_file(str(o.value()), "config")
-        elif key.startswith("config/") and o.is_add():
-            overlays.append(_resolve_config_file(f"{key[len('config/') :]}/{o.value()}", "overlay"))
-        elif key.startswith("config.") and not o.is_add():
-            dotted.append((key, o.value(), o.input_line))
-        elif key.startswith("config.") and o.is_add():
-            raise ConfigError(
-                f"'{o.input_line}': keys cannot be added, every key is declared in defaults.yaml; "
-                f"drop the '+' to override {key}."
-            )
-        else:
-            raise ConfigError(f"'{o.input_line}' is not understood. {USAGE}")
+        try:
+            if o.is_delete():
+                raise ConfigError(f"'{o.input_line}': deleting keys is not supported; set a value instead. {USAGE}")
+            if key == "config" and not o.is_add():
+                if main_file is not None:
+                    raise ConfigError(f"'{o.input_line}': only one config=... may be given. {USAGE}")
+                main_file = _resolve_config_file(str(o.value()), "config")
+            elif key.startswith("config/") and o.is_add():
+                overlays.append(_resolve_config_file(f"{key[len('config/') :]}/{o.value()}", "overlay"))
+            elif key.startswith("config.") and not o.is_add():
+                dotted.append((key, o.value(), o.input_line))
+            elif key.startswith("config.") and o.is_add():
+                raise ConfigError(
+                    f"'{o.input_line}': keys cannot be added, every key is declared in defaults.yaml; "
+                    f"drop the '+' to override {key}."
+                )
+            else:
+                raise ConfigError(f"'{o.input_line}' is not understood. {USAGE}")
+        except ConfigError as e:
+            t.problems.append(str(e))
 
+    # every source is translated from VISSL's vocabulary and checked, and every problem of every
+    # source is collected: one run reports them all (issue 11)
     cfg = OmegaConf.create(defaults)
     for path in ([main_file] if main_file else []) + overlays:
-        data = load_yaml(path)
-        check_source(data, defaults, source=str(path))
-        cfg = OmegaConf.merge(cfg, data)
+        try:
+            data = load_yaml(path)
+        except ConfigError as e:
+            t.problems.append(str(e))
+            continue
+        data = translate_source(data, defaults, str(path), t)
+        cfg = OmegaConf.merge(cfg, check_source(data, defaults, str(path), t.problems))
     for key, value, line in dotted:
-        value = coerce_override(key, value, defaults, source=f"the override '{line}'")
-        OmegaConf.update(cfg, key, value, merge=isinstance(value, dict))
+        source = f"the override '{line}'"
+        for k, v in translate_override(key, value, defaults, source, t):
+            try:
+                v = coerce_override(k, v, defaults, source=source)
+            except ConfigError as e:
+                t.problems.append(str(e))
+                continue
+            OmegaConf.update(cfg, k, v, merge=isinstance(v, dict))
+    raise_problems(t.problems)
+    log_notes(t.notes)
     check_cross_keys(cfg.config)
     check_environment(cfg.config)
     return cfg
+
+
+# The spelling of a list/dict value that always works, shown when a value cannot be parsed.
+_JSON_HINT = (
+    "Write list and mapping values as JSON or YAML flow text and quote the whole argument for the "
+    """shell, e.g. 'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [768, 128]}]]'."""
+)
+
+
+def _parse_arguments(args: list[str], problems: list[str]) -> list[Any]:
+    """Parse each argument with hydra's override grammar; a ``config.KEY=[...]`` or ``{...}`` value
+    that the grammar refuses (VISSL documents JSON values, whose quoted mapping keys hydra does
+    not accept) is read as YAML, which holds JSON. Problems are collected, one per argument.
+
+    Returns:
+        hydra Override objects, and (key, value, argument) tuples for the values read as YAML.
+    """
+    parser = OverridesParser.create()
+    parsed: list[Any] = []
+    for arg in args:
+        key, eq, text = arg.partition("=")
+        json_like = eq and key.startswith("config.") and text.lstrip()[:1] in ("[", "{")
+        try:
+            parsed.extend(parser.parse_overrides(overrides=[arg]))
+            continue
+        except HydraException as e:
+            if not json_like:
+                problems.append(f"Could not parse the argument '{arg}': {e}. {USAGE}")
+                continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            problems.append(f"Could not parse the value of '{arg}' ({first}). {_JSON_HINT}")
+            continue
+        parsed.append((key.strip(), value, arg))
+    return parsed

@@ -25,7 +25,7 @@ SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
     "multistep": ("values", "milestones"),
     "composite": ("schedulers", "lengths", "interval_scaling"),
 }
-_VALUE_KEYS = ("value", "values", "start_value", "end_value")
+_VALUE_KEYS = ("value", "values", "start_value", "end_value")  # the lr values of a spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +74,6 @@ def schedule_spec(sched: dict[str, Any], where: str) -> dict[str, Any]:
     return spec
 
 
-def scale_schedule(spec: dict[str, Any], factor: float) -> dict[str, Any]:
-    """Multiply every value of a schedule spec by ``factor``; warm-ups and shapes are kept."""
-    out = dict(spec)
-    for key in _VALUE_KEYS:
-        if key in out:
-            out[key] = [v * factor for v in out[key]] if isinstance(out[key], list) else out[key] * factor
-    if "schedulers" in out:
-        out["schedulers"] = [scale_schedule(s, factor) for s in out["schedulers"]]
-    return out
-
-
 def schedule_values(spec: dict[str, Any], where: str) -> list[tuple[str, float]]:
     """Every value of a schedule spec with the key it came from, e.g. ``("...lr.values[1]", 0.01)``."""
     out: list[tuple[str, float]] = []
@@ -101,7 +90,10 @@ def schedule_values(spec: dict[str, Any], where: str) -> list[tuple[str, float]]
 
 
 def lr_scale_factor(cfg: DictConfig) -> float:
-    """Auto LR scaling's factor (global batch / base_lr_batch_size, or its sqrt); 1 when off."""
+    """Auto LR scaling's factor f(global batch / base_lr_batch_size), f = identity or sqrt; 1 when off.
+
+    The scaled learning rate is ``base_value x`` this factor (VISSL's ``infer_learning_rate``).
+    """
     auto = cfg.OPTIMIZER.param_schedulers.lr.auto_lr_scaling
     if not auto.auto_scale:
         return 1.0
@@ -109,6 +101,105 @@ def lr_scale_factor(cfg: DictConfig) -> float:
     global_batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world * cfg.OPTIMIZER.grad_accumulation_steps
     ratio = global_batch / auto.base_lr_batch_size
     return ratio if auto.scaling_type == "linear" else math.sqrt(ratio)
+
+
+def auto_scaled_schedule(spec: dict[str, Any], cfg: DictConfig, where: str) -> tuple[dict[str, Any], list[str]]:
+    """The lr schedule as VISSL's ``get_scaled_lr_scheduler`` rewrites it, and notes to log.
+
+    The schedule is set from ``scaled = base_value x lr_scale_factor(cfg)``; the written values only
+    give its shape:
+      constant: value = scaled;  linear: end_value = scaled;
+      cosine: start_value = scaled, end_value = scaled x end_value / start_value;
+      multistep: gamma = round(values[1] / values[0], 6), values[i] = round(scaled x gamma^i, 8);
+      composite: each sub-schedule as above, then each linear sub-schedule (a warm-up) starts at
+        base_value x (batch per node / base_lr_batch_size), linear scaling whatever scaling_type
+        (VISSL's ``resolve_linear_schedule``).
+    One deliberate difference: on one node, where that start is not below the warm-up's end, VISSL
+    deletes the warm-up (VISSL issue #106); here it keeps its configured start_value, with a note.
+    The spec is returned unchanged when auto_scale is off.
+
+    Args:
+        spec: a schedule spec from :func:`schedule_spec`.
+        cfg: the ``config`` node (auto_lr_scaling, batch size, world size).
+        where: the spec's config key, for messages.
+    """
+    auto = cfg.OPTIMIZER.param_schedulers.lr.auto_lr_scaling
+    if not auto.auto_scale:
+        return spec, []
+    scaled = auto.base_value * lr_scale_factor(cfg)
+    # the warm-up's start follows the batch of one node (VISSL's rule), per optimizer step here
+    node_batch = (
+        cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * cfg.DISTRIBUTED.NUM_PROC_PER_NODE * cfg.OPTIMIZER.grad_accumulation_steps
+    )
+    warm_start = auto.base_value * node_batch / auto.base_lr_batch_size
+    notes: list[str] = []
+    out = _scale(spec, scaled, warm_start, cfg.DISTRIBUTED.NUM_NODES, where, notes)
+    return out, notes
+
+
+def _scale(
+    spec: dict[str, Any], scaled: float, warm_start: float, num_nodes: int, where: str, notes: list[str]
+) -> dict[str, Any]:
+    """One level of :func:`auto_scaled_schedule` (recursive for composite)."""
+    out = dict(spec)
+    name = spec["name"]
+    if name == "constant":
+        out["value"] = scaled
+    elif name == "linear":
+        out["end_value"] = scaled
+    elif name == "cosine":
+        if spec["start_value"] == 0:
+            raise ConfigError(
+                f"{where}.start_value=0: auto_lr_scaling keeps a cosine's end/start ratio, so start_value must "
+                "be > 0 (the scaled lr replaces it)."
+            )
+        out["start_value"] = float(scaled)
+        out["end_value"] = float(scaled * spec["end_value"] / spec["start_value"])
+    elif name == "multistep":
+        values = list(spec["values"])
+        if values[0] == 0:
+            raise ConfigError(
+                f"{where}.values[0]=0: auto_lr_scaling keeps the ratio between steps, so the first value must be > 0."
+            )
+        gamma = round(values[1] / values[0], 6) if len(values) > 1 else 1.0
+        out["values"] = [round(float(scaled * gamma**i), 8) for i in range(len(values))]
+    elif name == "composite":
+        subs = []
+        for i, sub in enumerate(spec["schedulers"]):
+            key = f"{where}.schedulers[{i}]"
+            new = _scale(sub, scaled, warm_start, num_nodes, key, notes)
+            if sub["name"] == "linear":
+                if num_nodes == 1 and warm_start <= new["end_value"]:
+                    notes.append(
+                        f"{key}: the linear warm-up keeps start_value={sub['start_value']:g} (VISSL would delete it "
+                        "on one node, VISSL issue #106)"
+                    )
+                else:
+                    new["start_value"] = warm_start
+            subs.append(new)
+        out["schedulers"] = subs
+    return out
+
+
+def check_schedule_epochs(spec: dict[str, Any], num_epochs: int, where: str) -> None:
+    """Multistep milestones are epochs: increasing, each in [1, num_epochs) (fvcore's condition).
+
+    Args:
+        spec: a schedule spec from :func:`schedule_spec`.
+        num_epochs: ``config.OPTIMIZER.num_epochs``.
+        where: the spec's config key, for messages.
+    """
+    if spec["name"] == "multistep":
+        milestones = list(spec["milestones"])
+        ok = all(0 < m < num_epochs for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:]))
+        if not ok:
+            raise ConfigError(
+                f"{where}.milestones={milestones} must be increasing epochs within "
+                f"config.OPTIMIZER.num_epochs={num_epochs} (each in 1..{num_epochs - 1}): lower the milestones or "
+                "raise num_epochs."
+            )
+    for i, sub in enumerate(spec.get("schedulers", [])):
+        check_schedule_epochs(sub, num_epochs, f"{where}.schedulers[{i}]")
 
 
 def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues:
@@ -137,10 +228,10 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
         )
     lr_cfg = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True)
     spec = schedule_spec(lr_cfg, "config.OPTIMIZER.param_schedulers.lr")
+    check_schedule_epochs(spec, cfg.OPTIMIZER.num_epochs, "config.OPTIMIZER.param_schedulers.lr")
     auto = lr_cfg["auto_lr_scaling"]
     factor = lr_scale_factor(cfg)
-    if auto["auto_scale"]:
-        spec = scale_schedule(spec, factor)
+    spec, notes = auto_scaled_schedule(spec, cfg, "config.OPTIMIZER.param_schedulers.lr")
     derived = DerivedValues(
         world_size=world,
         global_batch_size=global_batch,
@@ -164,7 +255,8 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     )
     if auto["auto_scale"]:
         logger.info(
-            "Auto LR scaling (%s): base lr %g at batch %d -> %g at global batch %d (every schedule value x %.4g)",
+            "Auto LR scaling (%s, VISSL's rule): base_value %g at batch %d -> %g at global batch %d (x %.4g); "
+            "the schedule's written values give only its shape",
             auto["scaling_type"],
             auto["base_value"],
             auto["base_lr_batch_size"],
@@ -172,5 +264,7 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
             global_batch,
             factor,
         )
+        for note in notes:
+            logger.info("Auto LR scaling: %s", note)
     logger.info("LR schedule: %s", spec)
     return derived

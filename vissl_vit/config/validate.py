@@ -58,7 +58,15 @@ def _check_value(key: str, value: Any, default: Any, source: str) -> Any:
             raise ConfigError(f"{key} in {source}: expected a mapping, got {_describe(value)}.")
         if not default:  # free-form mapping
             return value
-        return {k: _check_value(f"{key}.{k}", v, _child(key, default, k, source), source) for k, v in value.items()}
+        checked, problems = {}, []
+        for k, v in value.items():  # every bad key of the mapping is reported, not just the first
+            try:
+                checked[k] = _check_value(f"{key}.{k}", v, _child(key, default, k, source), source)
+            except ConfigError as e:
+                problems.extend(_problems_of(e))
+        if problems:
+            raise ConfigError(_join(problems))
+        return checked
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} in {source}: expected bool (True or False), got {_describe(value)}.")
@@ -98,9 +106,73 @@ def _child(key: str, default: dict[str, Any], name: str, source: str) -> Any:
     )
 
 
-def check_source(data: dict[str, Any], defaults: dict[str, Any], source: str) -> None:
-    """Raise ConfigError if ``data`` (a config file's contents) has unknown keys or wrong types."""
-    _check_value("config", data.get("config", {}), defaults["config"], source)
+_PROBLEM_SEP = "\n  - "
+
+
+def _join(problems: list[str]) -> str:
+    """One message for several problems: a count, then each on its own line."""
+    problems = list(dict.fromkeys(problems))
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the config:{_PROBLEM_SEP}" + _PROBLEM_SEP.join(problems)
+
+
+def _problems_of(e: ConfigError) -> list[str]:
+    """The single problems inside a ConfigError made by :func:`_join` (or the error itself)."""
+    text = str(e)
+    if _PROBLEM_SEP in text and text.split(_PROBLEM_SEP, 1)[0].endswith("problems in the config:"):
+        return text.split(_PROBLEM_SEP)[1:]
+    return [text]
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem (one per line), if there are any."""
+    if problems:
+        raise ConfigError(_join(problems))
+
+
+def check_source(
+    data: dict[str, Any], defaults: dict[str, Any], source: str, problems: list[str] | None = None
+) -> dict[str, Any]:
+    """Check ``data`` (a config file's contents) for unknown keys and wrong types; return its valid part.
+
+    Args:
+        data: the file's mapping, in vissl_vit's vocabulary (see vissl_compat.translate_source).
+        defaults: vissl_vit's defaults.yaml.
+        source: the file, for messages.
+        problems: collects every problem; without it the first call raises them all at once.
+    """
+    found: list[str] = []
+    checked = _check_keys("config", data.get("config", {}), defaults["config"], source, found)
+    if problems is None:
+        raise_problems(found)
+    else:
+        problems.extend(found)
+    return {"config": checked}
+
+
+def _check_keys(key: str, value: Any, default: Any, source: str, problems: list[str]) -> Any:
+    """Like _check_value, but a problem is collected and the bad key left out of the result."""
+    if not (isinstance(default, dict) and default and isinstance(value, dict)) or key in _UNION_TYPES:
+        try:
+            return _check_value(key, value, default, source)
+        except ConfigError as e:
+            problems.extend(_problems_of(e))
+            return _BAD
+    checked = {}
+    for k, v in value.items():
+        try:
+            child = _child(key, default, k, source)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        result = _check_keys(f"{key}.{k}", v, child, source, problems)
+        if result is not _BAD:
+            checked[k] = result
+    return checked
+
+
+_BAD = object()  # a value left out of the merge because it was reported
 
 
 def coerce_override(key: str, value: Any, defaults: dict[str, Any], source: str) -> Any:
@@ -136,6 +208,8 @@ def check_cross_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"{prefix}.CLASSIFIER='{vit.CLASSIFIER}': expected 'token' or 'gap'.")
     if vit.POS_EMBED not in ("learned", "sincos"):
         raise ConfigError(f"{prefix}.POS_EMBED='{vit.POS_EMBED}': expected 'learned' or 'sincos'.")
+    if vit.FC_NORM and vit.CLASSIFIER != "gap":
+        raise ConfigError(f"{prefix}.FC_NORM=True (timm's order of average pooling) needs CLASSIFIER='gap'.")
     if vit.CLASSIFIER == "token" and not vit.USE_CLASS_TOKEN:
         raise ConfigError(f"{prefix}.CLASSIFIER='token' needs USE_CLASS_TOKEN=True; use CLASSIFIER='gap' without it.")
     norm = cfg.MODEL.GRAD_CLIP.NORM_TYPE
@@ -196,6 +270,12 @@ def check_cross_keys(cfg: DictConfig) -> None:
                 f"{sum(sched.lengths):g}; they must add up to 1."
             )
     _check_ssl_losses(cfg)
+    from vissl_vit.data.collators.cutmixup import check_cutmixup_params  # a multi-crop batch needs ssl_method
+
+    for split in ("TRAIN", "TEST"):
+        if cfg.DATA[split].COLLATE_FUNCTION == "cutmixup_collator":
+            d = cfg.DATA[split]
+            check_cutmixup_params(list(d.TRANSFORMS), dict(d.COLLATE_FUNCTION_PARAMS), f"DATA.{split}")
     _check_lr_values(cfg)
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
@@ -215,8 +295,8 @@ def _check_feature_eval(cfg: DictConfig) -> None:
     fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
     where = "config.MODEL.FEATURE_EVAL_SETTINGS"
     frozen_engine = cfg.ENGINE_NAME != "train"
-    if fe.FREEZE_TRUNK_ONLY and fe.FREEZE_TRUNK_AND_HEAD:
-        raise ConfigError(f"{where}: FREEZE_TRUNK_ONLY and FREEZE_TRUNK_AND_HEAD are exclusive; set one.")
+    # both set (a VISSL trunk overlay over its kNN base): FREEZE_TRUNK_ONLY wins, as in VISSL
+    freeze_heads = fe.FREEZE_TRUNK_AND_HEAD and not fe.FREEZE_TRUNK_ONLY
     if (fe.FREEZE_TRUNK_ONLY or fe.FREEZE_TRUNK_AND_HEAD) and not fe.EVAL_MODE_ON:
         raise ConfigError(f"{where}: FREEZE_TRUNK_ONLY / FREEZE_TRUNK_AND_HEAD need EVAL_MODE_ON=True.")
     if fe.EVAL_MODE_ON and not frozen_engine and not (fe.FREEZE_TRUNK_ONLY or fe.FREEZE_TRUNK_AND_HEAD):
@@ -224,7 +304,7 @@ def _check_feature_eval(cfg: DictConfig) -> None:
             f"{where}.EVAL_MODE_ON=True with the train engine: set FREEZE_TRUNK_ONLY=True (linear evaluation) "
             "or FREEZE_TRUNK_AND_HEAD=True (with TEST_ONLY)."
         )
-    if fe.FREEZE_TRUNK_AND_HEAD and not frozen_engine and not cfg.TEST_ONLY:
+    if freeze_heads and not frozen_engine and not cfg.TEST_ONLY:
         raise ConfigError(f"{where}.FREEZE_TRUNK_AND_HEAD=True leaves nothing to train: use it with TEST_ONLY=True.")
     w = cfg.MODEL.WEIGHTS_INIT
     if w.FORMAT not in FORMATS:
@@ -249,7 +329,7 @@ def _check_feature_eval(cfg: DictConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"{where}.LINEAR_EVAL_FEAT_POOL_OPS_MAP[{i}]: {e}.") from None
     heads = cfg.MODEL.HEAD.PARAMS
-    if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY and heads:
+    if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY and heads and not frozen_engine:
         n_feats = max(len(names), 1)
         if len(heads) != n_feats:
             raise ConfigError(
@@ -261,7 +341,7 @@ def _check_feature_eval(cfg: DictConfig) -> None:
             identity = not names or len(entries[i]) < 2 or entries[i][1][0] == "Identity"
             if width is not None and identity:
                 _check_head_width(head, width, f"trunk feature '{names[i] if names else 'default'}'", i)
-    if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_AND_HEAD and len(names) > 1:
+    if fe.EVAL_MODE_ON and freeze_heads and len(names) > 1:
         raise ConfigError(f"{where}.FREEZE_TRUNK_AND_HEAD runs the heads on one feature; {len(names)} are listed.")
 
     for split in cfg.EXTRACT_FEATURES.SPLITS:
@@ -345,20 +425,14 @@ def _check_ssl_losses(cfg: DictConfig) -> None:
             raise ConfigError(
                 "config.LOSS.name=swav_loss needs swav_head as the last head of config.MODEL.HEAD.PARAMS."
             )
-        if list(head[1].get("num_clusters", [])) != list(s.num_prototypes):
-            raise ConfigError(
-                f"config.LOSS.swav_loss.num_prototypes={list(s.num_prototypes)} but swav_head's num_clusters is "
-                f"{list(head[1].get('num_clusters', []))}; they must match."
-            )
-        if _last_head_width(cfg) != s.embedding_dim:
-            raise ConfigError(
-                f"config.LOSS.swav_loss.embedding_dim={s.embedding_dim} but swav_head's dims end with "
-                f"{_last_head_width(cfg)}; they must match."
-            )
-        if any(c >= s.num_crops for c in s.crops_for_assign):
+        # as in VISSL, embedding_dim, num_prototypes and num_crops come from the head and multi-crop
+        from vissl_vit.losses.build import infer_swav_kwargs
+
+        num_crops = infer_swav_kwargs(cfg, dict(s), log=False)["num_crops"]
+        if any(c >= num_crops for c in s.crops_for_assign):
             raise ConfigError(
                 f"config.LOSS.swav_loss.crops_for_assign={list(s.crops_for_assign)} names crops beyond "
-                f"num_crops={s.num_crops}."
+                f"num_crops={num_crops}."
             )
 
 
@@ -427,7 +501,7 @@ def _check_lr_values(cfg: DictConfig) -> None:
     """Every value of the lr schedule, as written and after auto LR scaling."""
     from omegaconf import OmegaConf
 
-    from vissl_vit.config.derive import lr_scale_factor, scale_schedule, schedule_spec, schedule_values
+    from vissl_vit.config.derive import auto_scaled_schedule, lr_scale_factor, schedule_spec, schedule_values
 
     where = "config.OPTIMIZER.param_schedulers.lr"
     spec = schedule_spec(OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True), where)
@@ -436,7 +510,7 @@ def _check_lr_values(cfg: DictConfig) -> None:
     factor = lr_scale_factor(cfg)
     if factor != 1.0:
         note = f" after auto_lr_scaling (x {factor:g})"
-        for key, value in schedule_values(scale_schedule(spec, factor), where):
+        for key, value in schedule_values(auto_scaled_schedule(spec, cfg, where)[0], where):
             _check_lr(key, value, note)
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vissl_vit.data.dataset import VisslDataset
+from vissl_vit.data.dataset import VisslDataset, effective_label_type
 from vissl_vit.data.datasets.synthetic import SyntheticSource
 from vissl_vit.data.sampler import ResumableDistributedSampler
 from vissl_vit.data.transforms import build_transforms
@@ -50,7 +50,8 @@ def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
         factory = DATASETS.get(source)
         sources.append(factory(d.DATA_PATHS[k], label_path, name, split == "TRAIN", d.MMAP_MODE))
     transforms = build_transforms(OmegaConf.to_container(d.TRANSFORMS, resolve=True), f"{where}.TRANSFORMS")
-    return VisslDataset(sources, transforms, d.LABEL_TYPE, d.DATA_LIMIT)
+    label_type = effective_label_type(d.LABEL_TYPE, list(d.LABEL_SOURCES), where)
+    return VisslDataset(sources, transforms, label_type, d.DATA_LIMIT)
 
 
 # Signals that stop a run: the training process handles them (PreemptionHook finishes the step,

@@ -33,6 +33,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+def effective_label_type(label_type: str, label_sources: list[str], where: str) -> str:
+    """The label type a data split really uses: with LABEL_SOURCES set, the sources' labels win.
+
+    VISSL's rule (vissl/data/ssl_dataset.py, ``GenericSSLDataset.__getitem__``): when label sources
+    are loaded, each sample's label comes from them whatever LABEL_TYPE says; sample_index and zero
+    apply only without label sources. VISSL's ViT tutorial relies on it (LABEL_SOURCES
+    [disk_folder] with LABEL_TYPE sample_index trains on the classes).
+
+    Args:
+        label_type: ``DATA.<split>.LABEL_TYPE``.
+        label_sources: ``DATA.<split>.LABEL_SOURCES``.
+        where: ``config.DATA.<split>``, for the log line.
+    """
+    if len(label_sources) > 0 and label_type != "standard":
+        logger.info(
+            "%s.LABEL_TYPE=%s is not used: LABEL_SOURCES=%s is set, so the labels come from it (as in VISSL)",
+            where,
+            label_type,
+            list(label_sources),
+        )
+        return "standard"
+    return label_type
+
+
 class VisslDataset(Dataset):
     """Concatenated sources with transforms, returning ``{"data", "label", "index", "seed", "bad", "bad_path"}``.
 

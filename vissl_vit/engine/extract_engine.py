@@ -64,7 +64,22 @@ def feature_file(folder: str, split: str, name: str, kind: str) -> str:
 
 
 def _default_feature(cfg: DictConfig) -> str:
-    return "lastCLS" if cfg.MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER == "token" else "lastPOOL"
+    """The vision_transformer trunk's default feature (its ``default_feature()``), from the config."""
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    if vit.CLASSIFIER == "token":
+        return "lastCLS"
+    return "lastFCNORM" if vit.FC_NORM else "lastPOOL"
+
+
+def extracts_trunk_features(cfg: DictConfig, num_heads: int) -> bool:
+    """Whether extraction writes trunk features (else the head chain's output, feature "heads").
+
+    EVAL_TRUNK_AND_HEAD evaluates the whole model (VISSL's kNN base configs: FREEZE_TRUNK_AND_HEAD
+    with EVAL_TRUNK_AND_HEAD, so that VISSL's kNN runs on "heads"); otherwise
+    EXTRACT_TRUNK_FEATURES_ONLY decides. Without heads there is only the trunk.
+    """
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    return not num_heads or (fe.EXTRACT_TRUNK_FEATURES_ONLY and not fe.EVAL_TRUNK_AND_HEAD)
 
 
 def build_extraction_model(cfg: DictConfig) -> tuple[FeatureEvalModel, list[str], bool]:
@@ -73,7 +88,7 @@ def build_extraction_model(cfg: DictConfig) -> tuple[FeatureEvalModel, list[str]
     base = build_model(cfg)
     apply_weights_init(base, cfg)
     names, pools = parse_pool_ops_map(OmegaConf.to_container(fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP, resolve=True))
-    trunk_only = fe.EXTRACT_TRUNK_FEATURES_ONLY or not len(base.heads)
+    trunk_only = extracts_trunk_features(cfg, len(base.heads))
     if isinstance(base, FeatureEvalModel):
         model = base
     else:  # a training config (e.g. the pretraining one): its trunk, and its head chain when asked for
@@ -251,7 +266,10 @@ def nearest_neighbor(cfg: DictConfig, folder: str, feature: str) -> dict[str, An
     train_feats, train_labels = load_features(folder, "TRAIN", feature)
     test_feats, test_labels = load_features(folder, "TEST", feature)
     start = time.perf_counter()
-    bank, queries = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
+    # VISSL's knn_utils normalises only with L2_NORM_FEATS; raw inner products otherwise
+    bank, queries = train_feats, test_feats
+    if nn_cfg.L2_NORM_FEATS:
+        bank, queries = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
     ks = list(nn_cfg.TOPK)
     sim, idx = knn_search(bank, queries, max(ks), nn_cfg.BACKEND, nn_cfg.INDEX, nn_cfg.IVF_NLIST, nn_cfg.IVF_NPROBE)
     results = weighted_knn_accuracy(sim, idx, train_labels, test_labels, ks, nn_cfg.TEMPERATURE)
@@ -259,6 +277,7 @@ def nearest_neighbor(cfg: DictConfig, folder: str, feature: str) -> dict[str, An
         "weights": cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE or "random-init",
         "feature": feature,
         "temperature": nn_cfg.TEMPERATURE,
+        "l2_norm_feats": bool(nn_cfg.L2_NORM_FEATS),
         "backend": nn_cfg.BACKEND,
         "index": nn_cfg.INDEX,
         "train_images": int(train_labels.shape[0]),
@@ -288,6 +307,8 @@ def run_nearest_neighbor_engine(
     if cfg.NEAREST_NEIGHBOR.FEATURES_DIR:
         folder = os.path.abspath(cfg.NEAREST_NEIGHBOR.FEATURES_DIR)
         names = feature_names(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP) or [_default_feature(cfg)]
+        if not extracts_trunk_features(cfg, len(cfg.MODEL.HEAD.PARAMS)):
+            names = ["heads"]
     else:
         folder, names = extract_features(cfg, rank, world_size, device)
     if rank != 0:

@@ -13,7 +13,10 @@ from vissl_vit.registry import LOSSES
 
 @LOSSES.register("cross_entropy_multiple_output_single_target")
 class CrossEntropyMultipleOutputSingleTargetLoss(nn.Module):
-    """Mean over outputs of ``CE(output / temperature, target)``.
+    """Sum over outputs of ``CE(output / temperature, target)``, as VISSL's criterion sums them.
+
+    With several outputs (one linear probe per feature), each head's gradient is that of its own
+    loss: every probe trains as if it were alone, whatever the number of heads.
 
     The target is a class index per sample ([B], int) or a distribution per sample ([B, C],
     float, e.g. mixup's soft labels); label smoothing applies to both, as in torch.
@@ -66,7 +69,8 @@ class CrossEntropyMultipleOutputSingleTargetLoss(nn.Module):
                     **kwargs,
                 )
             )
-        return torch.stack(losses).mean(dim=0)
+        # the sum, not the mean: with the mean each of n heads would get 1/n of its gradient
+        return torch.stack(losses).sum(dim=0)
 
 
 class TorchLoss(nn.Module):

@@ -59,7 +59,8 @@ class SwAVLoss(nn.Module):
     use_double_precision: Sinkhorn in float64.
     normalize_last_layer: L2-normalise the prototypes after each optimizer step.
     queue: {queue_length: global number of past embeddings used in Sinkhorn (0: none),
-        start_iter: the iteration from which the queue is used}.
+        start_iter: the iteration from which the queue fills; it joins Sinkhorn once full, as in
+        official SwAV (``queue_length / global batch`` iterations later)}.
 
     Each rank's queue holds that rank's own past embeddings (``queue_length / world_size`` of
     them), so a checkpoint keeps every rank's state (``state_is_per_rank``), and a resume at another
@@ -105,14 +106,17 @@ class SwAVLoss(nn.Module):
             raise ValueError(f"swav_loss: {n} embeddings is not num_crops={self.num_crops} crops of one batch")
         B = n // self.num_crops
         training = torch.is_grad_enabled()
-        use_queue = self.queue.shape[1] > 0 and int(self.num_steps) >= self.queue_start_iter
+        queue_on = self.queue.shape[1] > 0 and int(self.num_steps) >= self.queue_start_iter
+        # official SwAV (main_swav.py, use_the_queue): the queue fills from start_iter on and joins
+        # Sinkhorn only once it is full (its last slot written); empty slots would be fake samples
+        use_queue = queue_on and int(self.queue_filled) == self.queue.shape[1]
         total = 0.0
         for scores, prototypes in zip(out.scores, out.prototypes):
             for a, crop in enumerate(self.crops_for_assign):
                 with torch.no_grad():
                     s = scores[B * crop : B * (crop + 1)].detach()
-                    if use_queue and int(self.queue_filled) > 0:
-                        past = self.queue[a, -int(self.queue_filled) :] @ prototypes.T
+                    if use_queue:
+                        past = self.queue[a] @ prototypes.T
                         s = torch.cat([s, past.to(s.dtype)])
                     q = sinkhorn_knopp(s, self.epsilon, self.num_iters, self.use_double_precision)[:B]
                 sub = 0.0
@@ -124,7 +128,8 @@ class SwAVLoss(nn.Module):
                 total = total + sub / (self.num_crops - 1)
         loss = total / (len(self.crops_for_assign) * len(out.scores))
         if training:
-            self._update_queue(out.embeddings.detach(), B)
+            if queue_on:
+                self._update_queue(out.embeddings.detach(), B)
             self.num_steps += 1
         return loss
 

@@ -26,6 +26,7 @@ def vit_kwargs(vit: DictConfig) -> dict[str, Any]:
         "dropout_rate": vit.DROPOUT_RATE,
         "attention_dropout_rate": vit.ATTENTION_DROPOUT_RATE,
         "classifier": vit.CLASSIFIER,
+        "fc_norm": vit.FC_NORM,
         "use_class_token": vit.USE_CLASS_TOKEN,
         "drop_path_rate": vit.DROP_PATH_RATE,
         "qkv_bias": vit.QKV_BIAS,
@@ -91,7 +92,7 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     if fe.EVAL_MODE_ON:
         names, pools = parse_pool_ops_map(OmegaConf.to_container(fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP, resolve=True))
         return FeatureEvalModel(
-            trunk, heads, names or None, pools, fe.SHOULD_FLATTEN_FEATS, freeze_heads=fe.FREEZE_TRUNK_AND_HEAD
+            trunk, heads, names or None, pools, fe.SHOULD_FLATTEN_FEATS, freeze_heads=freezes_heads(fe)
         )
     model = TrunkHeadModel(trunk, heads)
     if cfg.LOSS.name == "moco_loss":
@@ -100,14 +101,24 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     return model
 
 
+def freezes_heads(fe: DictConfig) -> bool:
+    """FEATURE_EVAL_SETTINGS freezes the heads too: FREEZE_TRUNK_AND_HEAD, unless FREEZE_TRUNK_ONLY is
+    also set, which wins as in VISSL (train_task.py's build_model: ``if FREEZE_TRUNK_ONLY ... elif
+    FREEZE_TRUNK_AND_HEAD``), the pair a VISSL trunk overlay over its kNN base composes to."""
+    return bool(fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_AND_HEAD and not fe.FREEZE_TRUNK_ONLY)
+
+
 def weights_scope(cfg: DictConfig) -> str:
     """What MODEL.WEIGHTS_INIT loads: "trunk" when the heads are new (linear eval, feature
-    extraction), else "model"; WEIGHTS_INIT.SCOPE overrides."""
+    extraction of the trunk), else "model"; WEIGHTS_INIT.SCOPE overrides. As VISSL's
+    ``should_init_head_weights``, EVAL_TRUNK_AND_HEAD loads the heads in evaluation too."""
     scope = cfg.MODEL.WEIGHTS_INIT.SCOPE
     if scope != "auto":
         return scope
     fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
-    trunk_only = fe.EVAL_MODE_ON and not fe.FREEZE_TRUNK_AND_HEAD
+    if fe.EVAL_TRUNK_AND_HEAD and len(cfg.MODEL.HEAD.PARAMS):
+        return "model"
+    trunk_only = fe.EVAL_MODE_ON and not freezes_heads(fe)
     return "trunk" if trunk_only or cfg.ENGINE_NAME in ("extract_features", "nearest_neighbor") else "model"
 
 

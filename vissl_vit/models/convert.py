@@ -1,13 +1,16 @@
 """Convert weights between vissl_vit checkpoints and timm ``VisionTransformer`` state dicts.
 
-    python tools/convert_weights.py --to timm RUN_FOLDER_OR_FILE OUT.pth [--global-pool token|avg]
+    python tools/convert_weights.py --to timm RUN_FOLDER_OR_FILE OUT.pth [--global-pool token|avg] [--fc-norm]
     python tools/convert_weights.py --to vissl_vit TIMM_DEIT_DINO_OR_MOCOV3_FILE OUT.torch
 
 ``--to timm`` reads any file MODEL.WEIGHTS_INIT reads (ours, VISSL's, DeiT's, DINO's, MoCo v3's) and
 writes the trunk (and a single linear classifier head, as timm's ``head``) under timm's names, for
-``timm.create_model(..., num_classes=N).load_state_dict(torch.load(OUT.pth))``. timm keeps the final
-norm of an average-pooling model under ``fc_norm`` (its ``norm`` is then an Identity): that is what
-``--global-pool avg`` writes, the default for trunks without a class token.
+``timm.create_model(..., num_classes=N).load_state_dict(torch.load(OUT.pth))``. ``--global-pool avg``
+(the default for trunks without a class token) writes an average-pooling model in one of timm's two
+orders: VISSL's (``CLASSIFIER: gap``: norm the tokens, then average), which timm builds with
+``global_pool="avg", fc_norm=False`` and keeps the norm under ``norm``; or with ``--fc-norm`` timm's
+default order (a trunk trained with ``FC_NORM: True``: average, then norm), ``global_pool="avg",
+fc_norm=True``, the norm under ``fc_norm`` (timm's ``norm`` is then an Identity).
 
 ``--to vissl_vit`` writes ``{"classy_state_dict": {"base_model": {"model": {"trunk": ..., "heads": ...}}}}``,
 which MODEL.WEIGHTS_INIT loads with its defaults (and which this tool reads back).
@@ -26,7 +29,8 @@ from vissl_vit.models.weights import detect_format, map_names, read_weights_file
 from vissl_vit.utils.cli import cli_main, split_options
 
 USAGE = """usage: python tools/convert_weights.py --to timm|vissl_vit IN OUT [--global-pool token|avg]
-                                       [--state-dict-key KEY] [--allow-pickle-code-execution]
+                                       [--fc-norm] [--state-dict-key KEY] [--allow-pickle-code-execution]
+  --fc-norm  with --global-pool avg: the trunk averages, then norms (FC_NORM: True); timm's fc_norm=True
   --allow-pickle-code-execution  also read an IN that pickles Python objects besides tensors; loading
                                  it runs the code it names: only for files you trust
 """
@@ -47,15 +51,25 @@ def read_as_ours(
     return map_names(sd, fmt)
 
 
-def to_timm(ours: dict[str, torch.Tensor], global_pool: str | None = None) -> dict[str, torch.Tensor]:
-    """Our names -> timm VisionTransformer's. Keys with no timm counterpart are left out (listed on stderr)."""
+def to_timm(
+    ours: dict[str, torch.Tensor], global_pool: str | None = None, fc_norm: bool = False
+) -> dict[str, torch.Tensor]:
+    """Our names -> timm VisionTransformer's. Keys with no timm counterpart are left out (listed on stderr).
+
+    Args:
+        ours: a flat state dict under our names.
+        global_pool: "token" or "avg"; None: token when there is a class token.
+        fc_norm: with "avg", write the final norm as timm's ``fc_norm`` (a trunk with FC_NORM: True).
+    """
     if global_pool is None:
         global_pool = "token" if "trunk.cls_token" in ours else "avg"
+    if fc_norm and global_pool != "avg":
+        raise UserError("--fc-norm is timm's order of average pooling: it needs --global-pool avg.")
     out, dropped = {}, []
     for key, value in ours.items():
         if key.startswith("trunk."):
             name = key[len("trunk.") :]
-            if global_pool == "avg" and name.startswith("norm."):
+            if fc_norm and name.startswith("norm."):
                 name = "fc_norm." + name[len("norm.") :]
             out[name] = value
         elif key.startswith(_TIMM_HEAD):
@@ -82,8 +96,8 @@ def run(argv: list[str]) -> None:
             "--global-pool": ("global_pool", str),
             "--state-dict-key": ("key", str),
         },
-        switches={"--allow-pickle-code-execution": ("allow_code", True)},
-        defaults={"to": None, "global_pool": None, "key": "classy_state_dict", "allow_code": False},
+        switches={"--allow-pickle-code-execution": ("allow_code", True), "--fc-norm": ("fc_norm", True)},
+        defaults={"to": None, "global_pool": None, "key": "classy_state_dict", "allow_code": False, "fc_norm": False},
         usage=USAGE,
     )
     if opts["to"] not in ("timm", "vissl_vit") or len(args) != 2:
@@ -91,9 +105,13 @@ def run(argv: list[str]) -> None:
     if opts["global_pool"] not in (None, "token", "avg"):
         raise UserError(f"--global-pool {opts['global_pool']}: expected token or avg.")
     ours = read_as_ours(args[0], opts["key"], opts["allow_code"])
-    out = to_timm(ours, opts["global_pool"]) if opts["to"] == "timm" else to_vissl_vit(ours)
+    out = to_timm(ours, opts["global_pool"], opts["fc_norm"]) if opts["to"] == "timm" else to_vissl_vit(ours)
     atomic_save(out, args[1])
-    print(f"wrote {args[1]} ({opts['to']} layout)")
+    note = ""
+    if opts["to"] == "timm":
+        pool = opts["global_pool"] or ("token" if "trunk.cls_token" in ours else "avg")
+        note = f"; build it with global_pool={pool!r}" + (f", fc_norm={opts['fc_norm']}" if pool == "avg" else "")
+    print(f"wrote {args[1]} ({opts['to']} layout{note})")
 
 
 def main(argv: list[str] | None = None) -> int:

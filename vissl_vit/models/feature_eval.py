@@ -4,7 +4,9 @@ VISSL's protocol: the trunk is frozen and stays in eval mode (no dropout, no dro
 ``model.train()`` says), the features named in ``LINEAR_EVAL_FEAT_POOL_OPS_MAP`` are computed in
 one trunk pass, each goes through its pool op (and is flattened), and head i of
 ``MODEL.HEAD.PARAMS`` is trained on feature i. The model's outputs are one logits tensor per
-head, so the loss averages over them and ``accuracy_list_meter`` reports each one.
+head, and ``accuracy_list_meter`` reports each one. As in VISSL's ``heads_forward``
+(base_ssl_model.py), several heads on a single feature are instead one chain (a frozen model's
+projection, for feature extraction and kNN).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class FeatureEvalModel(TrunkHeadModel):
 
     Args:
         trunk: the trunk; frozen, always in eval mode.
-        heads: FREEZE_TRUNK_ONLY: one head per feature, trained. FREEZE_TRUNK_AND_HEAD: a head
-            chain on the single feature, frozen too.
+        heads: one head per feature, or a chain of several heads on a single feature (VISSL's
+            rule: the counts decide); trained unless ``freeze_heads``.
         feat_names: the features; None for the trunk's default one.
         pools: a pool op per feature.
         flatten: flatten each pooled feature to [B, -1].
@@ -80,13 +82,14 @@ class FeatureEvalModel(TrunkHeadModel):
         self.pools = nn.ModuleList(pools or [nn.Identity() for _ in range(n_feats)])
         self.flatten = flatten
         self.freeze_heads = freeze_heads
-        if heads and not freeze_heads and len(heads) != n_feats:
+        if heads and len(heads) != n_feats and n_feats != 1:
             raise ConfigError(
                 f"Linear evaluation trains one head per feature: config.MODEL.HEAD.PARAMS has {len(heads)} heads "
                 f"for {n_feats} features ({feat_names or 'the default one'})."
             )
         if freeze_heads and n_feats != 1:
             raise ConfigError("FREEZE_TRUNK_AND_HEAD runs the head chain on one feature; list at most one.")
+        self.chain = len(heads) > 1 and n_feats == 1
         frozen = [self.trunk] + ([self.heads] if freeze_heads else [])
         for module in frozen:
             for p in module.parameters():
@@ -117,10 +120,10 @@ class FeatureEvalModel(TrunkHeadModel):
         feats = self.features(x)
         if not len(self.heads):
             return feats
-        if self.freeze_heads:
-            with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_heads):
+            if self.chain:
                 out = feats[0]
                 for head in self.heads:
                     out = head(out)
-            return [out]
-        return [head(f) for f, head in zip(feats, self.heads)]
+                return [out]
+            return [head(f) for f, head in zip(feats, self.heads)]

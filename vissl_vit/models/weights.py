@@ -23,6 +23,12 @@ Unlike VISSL, which logged keys it could not match and went on from random weigh
 #577, #545), a key of the model that the file does not provide, a key of the file that the model
 does not have, or a shape that does not fit stops the run with the lists, unless STRICT is False.
 A position embedding made for another image size is resampled (bicubic) to the model's grid.
+
+timm keeps the final norm of an average-pooling model under ``fc_norm`` when it averages first
+(``fc_norm=True``, its default for ``global_pool="avg"``) and under ``norm`` when it norms the
+tokens first (``fc_norm=False``, VISSL's and DINO's order). Both load into our ``norm``; a file
+whose order differs from the trunk's (``VISION_TRANSFORMERS.FC_NORM`` with ``CLASSIFIER: gap``)
+is refused, since it would load without error and compute something else.
 """
 
 from __future__ import annotations
@@ -237,6 +243,37 @@ def map_names(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
+_FC_NORM_RE = re.compile(r"(^|\.)fc_norm\.(weight|bias)$")
+_TIMM_LIKE = ("timm", "deit", "dino", "mocov3")
+
+
+def check_pool_order(raw_keys: list[str], fmt: str, model: nn.Module, path: str) -> None:
+    """Refuse a timm-layout file whose average-pooling order differs from the gap trunk's.
+
+    Args:
+        raw_keys: the file's names, before :func:`map_names`.
+        fmt: their format.
+        model: the model being initialised (its ``trunk`` is checked).
+        path: for the message.
+    """
+    trunk = getattr(model, "trunk", None)
+    if fmt not in _TIMM_LIKE or getattr(trunk, "classifier", None) != "gap":
+        return
+    key = "config.MODEL.TRUNK.VISION_TRANSFORMERS.FC_NORM"
+    file_fc_norm = any(_FC_NORM_RE.search(k) for k in raw_keys)
+    if file_fc_norm and not trunk.fc_norm:
+        raise UserError(
+            f"The weights in {path} hold timm's fc_norm (average the tokens, then norm), but the trunk norms the "
+            f"tokens before averaging (VISSL's order): set {key}=True for the outputs the file was trained with."
+        )
+    has_cls = any(k.endswith("cls_token") for k in raw_keys)
+    if trunk.fc_norm and not file_fc_norm and not has_cls:
+        raise UserError(
+            f"The weights in {path} are an average-pooling timm model with fc_norm=False (norm the tokens, then "
+            f"average: VISSL's order), but {key}=True averages first: set {key}=False."
+        )
+
+
 def _matches(key: str, patterns: list[str]) -> bool:
     return any(p in key for p in patterns)
 
@@ -378,6 +415,7 @@ def init_model_from_weights(model: nn.Module, weights_cfg: Any, scope: str) -> L
                 f"{', '.join(list(sd)[:6])}). Set config.MODEL.WEIGHTS_INIT.FORMAT (one of {', '.join(FORMATS[1:])}), "
                 "or REMOVE_PREFIX / APPEND_PREFIX so the names become ours (trunk.*, heads.N.*) or timm's."
             )
+    check_pool_order(list(sd), fmt, model, path)
     sd = map_names(sd, fmt)
     report = load_weights(model, sd, scope=scope, skip_layers=list(w.SKIP_LAYERS), strict=w.STRICT, path=path, fmt=fmt)
     sync = getattr(model, "reset_momentum_encoder", None)

@@ -12,6 +12,7 @@ import random
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 
+from vissl_vit.errors import ConfigError
 from vissl_vit.registry import TRANSFORMS
 
 
@@ -112,10 +113,32 @@ class ImgPilGaussianBlur:
 
 @TRANSFORMS.register("ImgPilRandomSolarize")
 class ImgPilRandomSolarize:
-    """Solarize (invert pixels above 128) with probability ``prob`` (BYOL, MoCo v3: 0.2 on view 1)."""
+    """Solarize (invert the pixels at or above a threshold) with probability ``p``.
 
-    def __init__(self, prob: float = 0.2) -> None:
-        self.prob = prob
+    VISSL's (vissl/data/ssl_transforms/img_pil_random_solarize.py, after BYOL) draws the
+    threshold uniformly from the integers 0-256 at each application; BYOL's and MoCo v3's own code
+    use a fixed 128 (``threshold: 128``; with p 0.2 on view 1).
+
+    Args:
+        p: probability of solarizing an image (VISSL's key and default, 0.66).
+        threshold: a fixed threshold (0-256), or None for VISSL's random one.
+        prob: not a key: VISSL reads only ``p`` (a ``prob`` there is ignored), so it is refused.
+    """
+
+    def __init__(self, p: float = 0.66, threshold: int | None = None, prob: float | None = None) -> None:
+        if prob is not None:
+            raise ConfigError(
+                f"ImgPilRandomSolarize: the probability is VISSL's key p (p: {prob}); VISSL ignores 'prob'."
+            )
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"ImgPilRandomSolarize: p must be in [0, 1], got {p}")
+        if threshold is not None and not 0 <= threshold <= 256:
+            raise ConfigError(f"ImgPilRandomSolarize: threshold must be in [0, 256] or null, got {threshold}")
+        self.p, self.threshold = p, threshold
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return ImageOps.solarize(img) if random.random() < self.prob else img
+        if random.random() >= self.p:
+            return img
+        # VISSL's RandomSolarizeTransform: an int from the closed interval [0, 256]
+        threshold = random.randint(0, 256) if self.threshold is None else self.threshold
+        return ImageOps.solarize(img, threshold)

@@ -51,11 +51,12 @@ class FreezeParamsHook(HookBase):
     (MODEL.TEMP_FROZEN_PARAMS_ITER_MAP, e.g. SwAV's prototypes for the first epoch).
 
     Args:
-        iter_map: [[parameter name, number of iterations], ...].
+        iter_map: [[parameter name, number of iterations], ...]. VISSL's files name parameters as
+            DDP's wrapper does (``module.heads.0.prototypes0.weight``); that prefix is dropped.
     """
 
     def __init__(self, iter_map: list[list]) -> None:
-        self.iter_map = {str(name): int(n) for name, n in iter_map}
+        self.iter_map = {str(name).removeprefix("module."): int(n) for name, n in iter_map}
 
     def before_train(self) -> None:
         names = {n for n, _ in unwrap(self.trainer.model).named_parameters()}

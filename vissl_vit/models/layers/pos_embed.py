@@ -29,15 +29,20 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
 
 
 def sincos_2d_pos_embed(grid: int, dim: int, num_prefix_tokens: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings [1, prefix + grid*grid, dim] (MoCo v3, MAE).
+    """Fixed 2-D sine-cosine position embeddings [1, prefix + grid*grid, dim], MoCo v3's
+    ``build_2d_sincos_position_embedding`` (vits.py) value for value.
 
-    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y); the prefix tokens get zeros.
+    Channels in quarters: sin(r w), cos(r w), sin(c w), cos(c w), with r the patch's row and c its
+    column (tokens in row-major order), w_d = 1 / temperature^(d / (dim/4)). MoCo v3 names the row
+    quarters "w" (its meshgrid is indexed ij over (w, h)); what counts is the order, which is why
+    checkpoints trained with it (and their kNN / linear-eval numbers) need this one. The prefix
+    tokens get zeros.
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     coords = torch.arange(grid, dtype=torch.float32)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # [grid, grid]: token r*grid + c
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    ox, oy = gx.flatten()[:, None] * omega, gy.flatten()[:, None] * omega  # [grid*grid, dim/4]
-    emb = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)
+    o_r, o_c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega  # [grid*grid, dim/4]
+    emb = torch.cat([o_r.sin(), o_r.cos(), o_c.sin(), o_c.cos()], dim=1)
     return torch.cat([torch.zeros(num_prefix_tokens, dim), emb])[None]

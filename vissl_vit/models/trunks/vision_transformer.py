@@ -5,7 +5,13 @@ ICLR 2021 (https://arxiv.org/abs/2010.11929); DeiT's stochastic depth (Touvron e
 
 Parameter names follow timm and DINO (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
 ``blocks.N.attn.qkv``, ``norm``) so their weights load with at most a prefix mapping; timm's
-``fc_norm`` (its name for the final norm with average pooling) is our ``norm``.
+``fc_norm`` (its name for the final norm when it normalises after pooling) is our ``norm``.
+
+Average pooling comes in two orders. VISSL's ``lastPOOL`` / ``concatPOOL{n}`` (and DINO's and
+big_vision's ``gap``) average the patch tokens *after* the final norm: timm's
+``global_pool="avg", fc_norm=False``. timm's default for average pooling, ``fc_norm=True``,
+averages first and then normalises. ``classifier="gap"`` is VISSL's order; ``fc_norm=True``
+selects timm's, as the trunk's default output ``lastFCNORM``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ FEATURE_PATTERNS = {
     "blkCLS{i}": "class token after block i (from 0), normed ([B, D])",
     "lastBLK": "every token of the last block, normed ([B, L, D])",
     "lastMAP": "attention weights of the last block ([B, heads, L, L])",
-    "lastPOOL": "mean of the last block's patch tokens, normed ([B, D])",
+    "lastPOOL": "mean of the last block's patch tokens, each normed first (VISSL, DINO) ([B, D])",
     "concatPOOL{n}": "lastPOOL of each of the last n blocks, concatenated ([B, n*D])",
+    "lastFCNORM": "mean of the last block's patch tokens, then normed (timm's fc_norm order) ([B, D])",
 }
-_FEATURE_RE = re.compile(r"^(lastCLS|lastBLK|lastMAP|lastPOOL|concatCLS(\d+)|blkCLS(\d+)|concatPOOL(\d+))$")
+_FEATURE_RE = re.compile(r"^(lastCLS|lastBLK|lastMAP|lastPOOL|lastFCNORM|concatCLS(\d+)|blkCLS(\d+)|concatPOOL(\d+))$")
 
 
 def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
@@ -63,7 +70,9 @@ class VisionTransformer(nn.Module):
         mlp_dim: hidden width of the blocks' MLPs.
         dropout_rate: dropout after the embeddings, MLP layers and attention projections.
         attention_dropout_rate: dropout of the attention weights.
-        classifier: default feature: "token" (lastCLS) or "gap" (lastPOOL).
+        classifier: default feature: "token" (lastCLS) or "gap" (lastPOOL, VISSL's order).
+        fc_norm: with "gap", average first and norm after (timm's ``fc_norm=True``): the
+            default feature is then lastFCNORM.
         use_class_token: prepend a learned class token.
         drop_path_rate: stochastic depth of the last block (linear from 0 at the first).
         qkv_bias: bias in the qkv projections.
@@ -86,6 +95,7 @@ class VisionTransformer(nn.Module):
         dropout_rate: float = 0.0,
         attention_dropout_rate: float = 0.0,
         classifier: Literal["token", "gap"] = "token",
+        fc_norm: bool = False,
         use_class_token: bool = True,
         drop_path_rate: float = 0.0,
         qkv_bias: bool = False,
@@ -98,11 +108,14 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}")
+        if fc_norm and classifier != "gap":
+            raise ValueError("fc_norm=True (timm's pooling order) needs classifier='gap'")
         if classifier == "token" and not use_class_token:
             raise ValueError("classifier='token' needs use_class_token=True")
         if pos_embed_type not in ("learned", "sincos"):
             raise ValueError(f"pos_embed_type must be 'learned' or 'sincos', got {pos_embed_type!r}")
         self.classifier = classifier
+        self.fc_norm = fc_norm
         self.embed_dim = hidden_dim
         self.num_prefix_tokens = 1 if use_class_token else 0
         self.checkpoint_block = checkpoint_block
@@ -165,10 +178,18 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x + pos)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        # token mode: norm every token, then average; gap mode: average, then norm (timm's fc_norm)
-        if self.classifier == "token":
-            return self.norm(x)[:, self.num_prefix_tokens :].mean(dim=1)
+        # VISSL's FeatAvgPool over the normed tokens (its interms are norm(x)); the class token,
+        # which VISSL refuses to pool, is left out
+        return self.norm(x)[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def _pool_fc_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))
+
+    def default_feature(self) -> str:
+        """The feature ``forward`` returns without ``out_feat_keys``."""
+        if self.classifier == "token":
+            return "lastCLS"
+        return "lastFCNORM" if self.fc_norm else "lastPOOL"
 
     def _cls(self, x: torch.Tensor, key: str) -> torch.Tensor:
         if self.cls_token is None:
@@ -194,7 +215,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, out_feat_keys: list[str] | None = None) -> list[torch.Tensor]:
         """Images [B, C, H, W] -> one tensor per name in ``out_feat_keys`` (default: the classifier's)."""
-        keys = list(out_feat_keys) if out_feat_keys else ["lastCLS" if self.classifier == "token" else "lastPOOL"]
+        keys = list(out_feat_keys) if out_feat_keys else [self.default_feature()]
         keep = self.parse_feature_keys(keys)
         want_map = "lastMAP" in keys
         x = self.embed(x)
@@ -218,6 +239,8 @@ class VisionTransformer(nn.Module):
                 feats.append(self._cls(outs[-1], key))
             elif name == "lastPOOL":
                 feats.append(self._pool(outs[-1]))
+            elif name == "lastFCNORM":
+                feats.append(self._pool_fc_norm(outs[-1]))
             elif name == "lastBLK":
                 feats.append(self.norm(outs[-1]))
             elif name == "lastMAP":
