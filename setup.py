@@ -50,6 +50,7 @@ setup(
         "tensorboard",
         "tqdm",
         "faiss-cpu>=1.7",
+        "safetensors>=0.4",
     ],
     extras_require={"test": TEST_REQUIRES, "dev": TEST_REQUIRES + ["ruff"]},
     entry_points={"console_scripts": ["vissl-vit-train=vissl_vit.engine.launch:main"]},

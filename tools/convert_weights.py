@@ -3,6 +3,8 @@
 
 python tools/convert_weights.py --to timm ./runs/quickstart_vit_fashion_mnist vit_fmnist_timm.pth
 python tools/convert_weights.py --to vissl_vit dino_deitsmall16_pretrain.pth dino_vits16.torch
+python tools/convert_weights.py --to vissl_vit ViT-B_16.npz vit_b16_in21k.torch   # Google's JAX checkpoints
+python tools/convert_weights.py --to vissl_vit model.safetensors vit.torch        # e.g. from the HF hub
 
 A file that pickles Python objects besides tensors (loading it would run the code it names) is
 refused unless --allow-pickle-code-execution is given: only for files you trust. The output holds

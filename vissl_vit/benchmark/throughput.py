@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vissl_vit.config import compose_config
+from vissl_vit.models.trunks.base import trunk_class
 from vissl_vit.utils.cli import cli_main, split_options
 
 USAGE = __doc__.split("\n\n")[1]
@@ -46,33 +47,19 @@ def _sync(device: torch.device) -> None:
 
 
 def num_classes_of(cfg: DictConfig) -> int:
-    """Output width of the config's last head (the classifier), or the trunk width without heads."""
+    """Output width of the config's last head (the classifier), or the trunk's feature width without heads."""
     heads = cfg.MODEL.HEAD.PARAMS
     if not heads:
-        return cfg.MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM
+        trunk = trunk_class(cfg.MODEL.TRUNK)
+        return trunk.feature_width_from_config(cfg.MODEL.TRUNK, trunk.default_feature_from_config(cfg.MODEL.TRUNK))
     kwargs = heads[-1][1]
     return kwargs["num_classes"] if "num_classes" in kwargs else kwargs["dims"][-1]
 
 
-def timm_twin(cfg: DictConfig) -> nn.Module:
-    """timm's VisionTransformer with the config trunk's shape and a linear head of the same width."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    v = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    return TimmViT(
-        img_size=v.IMAGE_SIZE,
-        patch_size=v.PATCH_SIZE,
-        in_chans=v.IN_CHANNELS,
-        embed_dim=v.HIDDEN_DIM,
-        depth=v.NUM_LAYERS,
-        num_heads=v.NUM_HEADS,
-        mlp_ratio=v.MLP_DIM / v.HIDDEN_DIM,
-        qkv_bias=v.QKV_BIAS,
-        class_token=v.USE_CLASS_TOKEN,
-        global_pool="token" if v.CLASSIFIER == "token" else "avg",
-        num_classes=num_classes_of(cfg),
-        drop_path_rate=v.DROP_PATH_RATE,
-    )
+def timm_twin(cfg: DictConfig) -> nn.Module | None:
+    """timm's model with the config trunk's shape and a linear head of the same width (the trunk's
+    ``timm_reference``), or None when timm has no twin of this trunk."""
+    return trunk_class(cfg.MODEL.TRUNK).timm_reference(cfg.MODEL.TRUNK, num_classes_of(cfg))
 
 
 def _sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -310,12 +297,15 @@ def run(argv: list[str]) -> dict[str, Any]:
         torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
     device = get_device(cfg, 0)
     seed_all(0)
-    v = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    image = (v.IN_CHANNELS, v.IMAGE_SIZE, v.IMAGE_SIZE)
+    image = trunk_class(cfg.MODEL.TRUNK).input_shape_from_config(cfg.MODEL.TRUNK)
     models = {"vissl_vit": build_model(cfg).to(device)}
-    if opts["timm"]:
-        models["timm"] = timm_twin(cfg).to(device)
+    twin = timm_twin(cfg) if opts["timm"] else None
+    if twin is not None:
+        models["timm"] = twin.to(device)
+    elif opts["timm"]:
+        print(f"timm has no model like trunk '{cfg.MODEL.TRUNK.NAME}' as configured: no ratio to timm")
+        opts["timm"] = False
     x = torch.randn(2, *image, device=device)
     # FLOPs are counted by tracing, which a compiled module refuses: count them first
     gflops = {name: flops_per_image(m, x) / 1e9 for name, m in models.items()}

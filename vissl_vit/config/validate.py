@@ -198,27 +198,18 @@ def check_cross_keys(cfg: DictConfig) -> None:
         cfg: the ``config`` node of a composed config.
     """
     _check_ranges(cfg)  # first: the rules below divide by batch sizes, patch sizes and head counts
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    prefix = "config.MODEL.TRUNK.VISION_TRANSFORMERS"
-    if vit.IMAGE_SIZE % vit.PATCH_SIZE:
-        raise ConfigError(f"{prefix}.IMAGE_SIZE={vit.IMAGE_SIZE} must be a multiple of PATCH_SIZE={vit.PATCH_SIZE}.")
-    if vit.HIDDEN_DIM % vit.NUM_HEADS:
-        raise ConfigError(f"{prefix}.HIDDEN_DIM={vit.HIDDEN_DIM} must be a multiple of NUM_HEADS={vit.NUM_HEADS}.")
-    if vit.CLASSIFIER not in ("token", "gap"):
-        raise ConfigError(f"{prefix}.CLASSIFIER='{vit.CLASSIFIER}': expected 'token' or 'gap'.")
-    if vit.POS_EMBED not in ("learned", "sincos"):
-        raise ConfigError(f"{prefix}.POS_EMBED='{vit.POS_EMBED}': expected 'learned' or 'sincos'.")
-    if vit.FC_NORM and vit.CLASSIFIER != "gap":
-        raise ConfigError(f"{prefix}.FC_NORM=True (timm's order of average pooling) needs CLASSIFIER='gap'.")
-    if vit.CLASSIFIER == "token" and not vit.USE_CLASS_TOKEN:
-        raise ConfigError(f"{prefix}.CLASSIFIER='token' needs USE_CLASS_TOKEN=True; use CLASSIFIER='gap' without it.")
+    from vissl_vit.models.trunks.base import trunk_class
+
+    trunk = trunk_class(cfg.MODEL.TRUNK)
+    trunk.check_config(cfg.MODEL.TRUNK)  # the trunk's own rules (sizes, option combinations)
     norm = cfg.MODEL.GRAD_CLIP.NORM_TYPE
     if isinstance(norm, str) and norm != "inf":
         raise ConfigError(f"config.MODEL.GRAD_CLIP.NORM_TYPE='{norm}': expected a number or 'inf'.")
 
     heads = cfg.MODEL.HEAD.PARAMS
     if heads and not cfg.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON:
-        _check_head_width(heads[0], vit.HIDDEN_DIM, cfg.MODEL.TRUNK.NAME)
+        width = trunk.feature_width_from_config(cfg.MODEL.TRUNK, trunk.default_feature_from_config(cfg.MODEL.TRUNK))
+        _check_head_width(heads[0], width, cfg.MODEL.TRUNK.NAME)
     _check_feature_eval(cfg)
 
     for split in ("TRAIN", "TEST"):
@@ -287,7 +278,7 @@ ENGINES = ("train", "extract_features", "nearest_neighbor")
 def _check_feature_eval(cfg: DictConfig) -> None:
     """FEATURE_EVAL_SETTINGS, WEIGHTS_INIT, EXTRACT_FEATURES and NEAREST_NEIGHBOR."""
     from vissl_vit.models.feature_eval import feature_names
-    from vissl_vit.models.trunks.vision_transformer import feature_width
+    from vissl_vit.models.trunks.base import trunk_class
     from vissl_vit.models.weights import FORMATS
 
     if cfg.ENGINE_NAME not in ENGINES:
@@ -321,11 +312,11 @@ def _check_feature_eval(cfg: DictConfig) -> None:
 
     entries = [[e] if isinstance(e, str) else list(e) for e in fe.LINEAR_EVAL_FEAT_POOL_OPS_MAP]
     names = feature_names(entries)
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    trunk = trunk_class(cfg.MODEL.TRUNK)
     widths = []
     for i, name in enumerate(names):
         try:
-            widths.append(feature_width(str(name), vit.HIDDEN_DIM, vit.NUM_LAYERS))
+            widths.append(trunk.feature_width_from_config(cfg.MODEL.TRUNK, str(name)))
         except ValueError as e:
             raise ConfigError(f"{where}.LINEAR_EVAL_FEAT_POOL_OPS_MAP[{i}]: {e}.") from None
     heads = cfg.MODEL.HEAD.PARAMS
@@ -337,7 +328,13 @@ def _check_feature_eval(cfg: DictConfig) -> None:
                 f"but {where}.LINEAR_EVAL_FEAT_POOL_OPS_MAP names {n_feats} feature(s) ({list(names) or 'default'})."
             )
         for i, head in enumerate(heads):
-            width = widths[i] if names else vit.HIDDEN_DIM
+            width = (
+                widths[i]
+                if names
+                else trunk.feature_width_from_config(
+                    cfg.MODEL.TRUNK, trunk.default_feature_from_config(cfg.MODEL.TRUNK)
+                )
+            )
             identity = not names or len(entries[i]) < 2 or entries[i][1][0] == "Identity"
             if width is not None and identity:
                 _check_head_width(head, width, f"trunk feature '{names[i] if names else 'default'}'", i)
@@ -384,7 +381,7 @@ def _check_head_width(head: Any, width: int, trunk: str, index: int | None = Non
             )
         raise ConfigError(
             f"config.MODEL.HEAD.PARAMS: the first head '{name}' takes inputs of width {in_dim}, but the "
-            f"{trunk} trunk outputs HIDDEN_DIM={width}; they must match."
+            f"{trunk} trunk's output has width {width}; they must match."
         )
 
 
@@ -461,10 +458,6 @@ def _check_ranges(cfg: DictConfig) -> None:
         raise ConfigError(f"config.DATA.MAX_BAD_IMAGE_FRACTION={fraction}: expected a fraction in [0, 1].")
     if cfg.DISTRIBUTED.NUM_NODES < 1 or cfg.DISTRIBUTED.NUM_PROC_PER_NODE < 1:
         raise ConfigError("config.DISTRIBUTED.NUM_NODES and NUM_PROC_PER_NODE must be at least 1.")
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    for key in ("IMAGE_SIZE", "PATCH_SIZE", "IN_CHANNELS", "NUM_LAYERS", "NUM_HEADS", "HIDDEN_DIM", "MLP_DIM"):
-        if vit[key] < 1:
-            raise ConfigError(f"config.MODEL.TRUNK.VISION_TRANSFORMERS.{key}={vit[key]}: expected at least 1.")
     o = cfg.OPTIMIZER
     epochs = o.num_epochs
     if epochs < 0 or (epochs == 0 and cfg.ENGINE_NAME == "train" and not cfg.TEST_ONLY):
@@ -575,12 +568,14 @@ def check_model_fits_memory(cfg: DictConfig, memory: int | None = None) -> None:
         copies += 1 + state  # gradients, optimizer state
     need = 4 * n * copies
     if need > memory:
-        vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+        from vissl_vit.models.trunks.base import trunk_class
+
+        size = trunk_class(cfg.MODEL.TRUNK).size_summary(cfg.MODEL.TRUNK)
         parts = "weights, gradients and optimizer state" if training else "weights"
         count = f"{n / 1e9:.3g} billion" if n >= 1e9 else f"{n / 1e6:.3g} million"
         raise ConfigError(
-            f"The model would have about {count} parameters (config.MODEL.TRUNK.VISION_TRANSFORMERS "
-            f"NUM_LAYERS={vit.NUM_LAYERS}, HIDDEN_DIM={vit.HIDDEN_DIM}, MLP_DIM={vit.MLP_DIM}): about "
+            f"The model would have about {count} parameters (config.MODEL.TRUNK '{cfg.MODEL.TRUNK.NAME}' "
+            f"{size}): about "
             f"{need / 2**30:,.1f} GiB for its {parts}, more than this machine's {memory / 2**30:,.1f} GiB of memory."
         )
 

@@ -64,11 +64,10 @@ def feature_file(folder: str, split: str, name: str, kind: str) -> str:
 
 
 def _default_feature(cfg: DictConfig) -> str:
-    """The vision_transformer trunk's default feature (its ``default_feature()``), from the config."""
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    if vit.CLASSIFIER == "token":
-        return "lastCLS"
-    return "lastFCNORM" if vit.FC_NORM else "lastPOOL"
+    """The trunk's default feature (its ``default_feature()``), from the config."""
+    from vissl_vit.models.trunks.base import trunk_class
+
+    return trunk_class(cfg.MODEL.TRUNK).default_feature_from_config(cfg.MODEL.TRUNK)
 
 
 def extracts_trunk_features(cfg: DictConfig, num_heads: int) -> bool:

@@ -121,11 +121,14 @@ def wrap_model(model: nn.Module, cfg: DictConfig, device: torch.device, local_ra
         from torch.distributed.fsdp import fully_shard
 
         reshard = cfg.MODEL.FSDP.RESHARD_AFTER_FORWARD
-        blocks = [m for name, m in model.named_modules() if name.startswith("trunk.blocks.") and name.count(".") == 2]
+        from vissl_vit.models.trunks.base import Trunk
+
+        trunk = getattr(model, "trunk", None)  # the trunk names its own FSDP units (its block type)
+        blocks = trunk.shard_units() if isinstance(trunk, Trunk) else []
         for block in blocks:
             fully_shard(block, reshard_after_forward=reshard)
         fully_shard(model, reshard_after_forward=reshard)
-        logger.info("FSDP: %d transformer blocks and the root sharded over %d processes", len(blocks), world_size)
+        logger.info("FSDP: %d trunk blocks and the root sharded over %d processes", len(blocks), world_size)
         return model
     # broadcast_buffers is passed only to turn it off: torch deprecates the argument, not the default
     extra = {} if d.BROADCAST_BUFFERS else {"broadcast_buffers": False}

@@ -2,59 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.models.feature_eval import FeatureEvalModel, parse_pool_ops_map
 from vissl_vit.models.moco import MoCoModel
 from vissl_vit.models.model import TrunkHeadModel
-from vissl_vit.registry import HEADS, TRUNKS
+from vissl_vit.models.trunks.base import trunk_class
+from vissl_vit.registry import HEADS
 from vissl_vit.utils.kwargs import call_with_kwargs
-
-
-def vit_kwargs(vit: DictConfig) -> dict[str, Any]:
-    """MODEL.TRUNK.VISION_TRANSFORMERS -> keyword arguments of the vision_transformer trunk."""
-    return {
-        "image_size": vit.IMAGE_SIZE,
-        "patch_size": vit.PATCH_SIZE,
-        "in_chans": vit.IN_CHANNELS,
-        "num_layers": vit.NUM_LAYERS,
-        "num_heads": vit.NUM_HEADS,
-        "hidden_dim": vit.HIDDEN_DIM,
-        "mlp_dim": vit.MLP_DIM,
-        "dropout_rate": vit.DROPOUT_RATE,
-        "attention_dropout_rate": vit.ATTENTION_DROPOUT_RATE,
-        "classifier": vit.CLASSIFIER,
-        "fc_norm": vit.FC_NORM,
-        "use_class_token": vit.USE_CLASS_TOKEN,
-        "drop_path_rate": vit.DROP_PATH_RATE,
-        "qkv_bias": vit.QKV_BIAS,
-        "pos_embed_type": vit.POS_EMBED,
-        "freeze_patch_embed": vit.FREEZE_PATCH_EMBED,
-        # VISSL writes False for "the default scale"
-        "qk_scale": None if isinstance(vit.QK_SCALE, bool) else float(vit.QK_SCALE),
-        "checkpoint_mlp": vit.CHECKPOINT_MLP,
-        "checkpoint_block": vit.CHECKPOINT_BLOCK,
-    }
 
 
 def estimate_num_params(cfg: DictConfig) -> int:
     """The number of parameters build_model would create, from the config alone (nothing is
-    allocated), so that an absurd size (NUM_LAYERS=100000) is refused before building. Exact for
-    the vision_transformer trunk; heads are counted from their widths (dims, in_plane/hidden_dim/
-    num_classes, num_clusters); MoCo's momentum encoder doubles the count.
+    allocated), so that an absurd size (NUM_LAYERS=100000) is refused before building. The trunk
+    counts its own (:meth:`Trunk.num_params_from_config`); heads are counted from their widths
+    (dims, in_plane/hidden_dim/num_classes, num_clusters); MoCo's momentum encoder doubles the count.
 
     Args:
         cfg: the ``config`` node.
     """
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    d, m, p = int(vit.HIDDEN_DIM), int(vit.MLP_DIM), int(vit.PATCH_SIZE)
-    prefix = 1 if vit.USE_CLASS_TOKEN else 0
-    # qkv (+ bias), proj, fc1, fc2, two LayerNorms
-    block = 3 * d * d + (3 * d if vit.QKV_BIAS else 0) + d * d + d + 2 * d * m + m + d + 4 * d
-    tokens = (int(vit.IMAGE_SIZE) // max(p, 1)) ** 2 + prefix
-    trunk = int(vit.NUM_LAYERS) * block + int(vit.IN_CHANNELS) * p * p * d + d + prefix * d + tokens * d + 2 * d
+    trunk = trunk_class(cfg.MODEL.TRUNK).num_params_from_config(cfg.MODEL.TRUNK)
     heads = 0
     for entry in OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS, resolve=True):
         kwargs = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
@@ -81,9 +48,7 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
     Args:
         cfg: the ``config`` node (``compose_config(...).config``).
     """
-    name = cfg.MODEL.TRUNK.NAME
-    trunk_cls = TRUNKS.get(name)
-    trunk = call_with_kwargs(trunk_cls, vit_kwargs(cfg.MODEL.TRUNK.VISION_TRANSFORMERS), f"trunk '{name}'")
+    trunk = trunk_class(cfg.MODEL.TRUNK).from_config(cfg.MODEL.TRUNK)
     heads = []
     for i, entry in enumerate(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS, resolve=True)):
         head_name, kwargs = entry[0], entry[1] if len(entry) > 1 else {}

@@ -1,9 +1,10 @@
 """Convert weights between vissl_vit checkpoints and timm ``VisionTransformer`` state dicts.
 
     python tools/convert_weights.py --to timm RUN_FOLDER_OR_FILE OUT.pth [--global-pool token|avg] [--fc-norm]
-    python tools/convert_weights.py --to vissl_vit TIMM_DEIT_DINO_OR_MOCOV3_FILE OUT.torch
+    python tools/convert_weights.py --to vissl_vit TIMM_DEIT_DINO_MOCOV3_OR_JAX_FILE OUT.torch
 
-``--to timm`` reads any file MODEL.WEIGHTS_INIT reads (ours, VISSL's, DeiT's, DINO's, MoCo v3's) and
+Either reads any file MODEL.WEIGHTS_INIT reads (ours, VISSL's, timm's, DeiT's and DeiT-III's,
+DINO's, MoCo v3's, Google's JAX ``.npz``), as a torch file or ``.safetensors``. ``--to timm``
 writes the trunk (and a single linear classifier head, as timm's ``head``) under timm's names, for
 ``timm.create_model(..., num_classes=N).load_state_dict(torch.load(OUT.pth))``. ``--global-pool avg``
 (the default for trunks without a class token) writes an average-pooling model in one of timm's two
@@ -11,6 +12,9 @@ orders: VISSL's (``CLASSIFIER: gap``: norm the tokens, then average), which timm
 ``global_pool="avg", fc_norm=False`` and keeps the norm under ``norm``; or with ``--fc-norm`` timm's
 default order (a trunk trained with ``FC_NORM: True``: average, then norm), ``global_pool="avg",
 fc_norm=True``, the norm under ``fc_norm`` (timm's ``norm`` is then an Identity).
+
+A trunk with LayerScale writes timm's ``ls1.gamma`` / ``ls2.gamma`` (build timm's model with
+``init_values``); one whose position embedding has no class-token slot needs ``no_embed_class=True``.
 
 ``--to vissl_vit`` writes ``{"classy_state_dict": {"base_model": {"model": {"trunk": ..., "heads": ...}}}}``,
 which MODEL.WEIGHTS_INIT loads with its defaults (and which this tool reads back).
@@ -111,6 +115,9 @@ def run(argv: list[str]) -> None:
     if opts["to"] == "timm":
         pool = opts["global_pool"] or ("token" if "trunk.cls_token" in ours else "avg")
         note = f"; build it with global_pool={pool!r}" + (f", fc_norm={opts['fc_norm']}" if pool == "avg" else "")
+        pos = ours.get("trunk.pos_embed")
+        if "trunk.cls_token" in ours and pos is not None and round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]:
+            note += ", no_embed_class=True"  # the position embedding has no class-token slot (DeiT-III)
     print(f"wrote {args[1]} ({opts['to']} layout{note})")
 
 

@@ -14,7 +14,15 @@ dino         DINO's released backbones (a timm state dict), or its training chec
              (``teacher`` / ``student`` with ``backbone.`` and ``head.`` prefixes)
 mocov3       MoCo v3's checkpoints: ``state_dict`` with ``module.base_encoder.*`` (the trunk and
              its projector), ``module.momentum_encoder.*`` and ``module.predictor.*``
+jax          Google's JAX/Flax ViT checkpoints (``.npz``: google-research/vision_transformer,
+             AugReg, big_vision; ``embedding/kernel``, ``Transformer/encoderblock_N/...``), mapped
+             to timm's names by :mod:`vissl_vit.models.jax_weights`
 ===========  ======================================================================================
+
+The file itself may be a torch file, a ``.safetensors`` file or a numpy ``.npz`` archive (told
+apart by their contents, not their names); none of the last two can hold code. DeiT-III's released
+files name LayerScale ``blocks.N.gamma_1`` / ``gamma_2``: they load as timm's ``ls1.gamma`` /
+``ls2.gamma``.
 
 The pipeline: read the file (iopath) -> pick the state dict (STATE_DICT_KEY_NAME) -> REMOVE_PREFIX,
 APPEND_PREFIX -> map the names of FORMAT (detected by default) to ours -> drop SKIP_LAYERS -> load.
@@ -23,6 +31,9 @@ Unlike VISSL, which logged keys it could not match and went on from random weigh
 #577, #545), a key of the model that the file does not provide, a key of the file that the model
 does not have, or a shape that does not fit stops the run with the lists, unless STRICT is False.
 A position embedding made for another image size is resampled (bicubic) to the model's grid.
+One made without a class-token slot (timm's ``no_embed_class``: DeiT-III, big_vision) loads into a
+trunk that has the slot with a zero row there, which computes the same (the file's model added no
+position to its class token).
 
 timm keeps the final norm of an average-pooling model under ``fc_norm`` when it averages first
 (``fc_norm=True``, its default for ``global_pool="avg"``) and under ``norm`` when it norms the
@@ -43,12 +54,14 @@ import torch
 from torch import nn
 
 from vissl_vit.errors import ConfigError, UserError, closest
+from vissl_vit.models.jax_weights import UNMAPPED as _JAX_UNMAPPED
+from vissl_vit.models.jax_weights import is_jax_layout, is_npz, jax_to_timm, read_npz
 from vissl_vit.models.layers import resample_pos_embed
 from vissl_vit.utils.safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "vissl_vit", "vissl", "timm", "deit", "dino", "mocov3")
+FORMATS = ("auto", "vissl_vit", "vissl", "timm", "deit", "dino", "mocov3", "jax")
 # the state dict's key in each known wrapper, tried in order when STATE_DICT_KEY_NAME is not in the file
 _WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
 _VISSL_NAMES = {"class_token": "cls_token", "pos_embedding": "pos_embed"}
@@ -90,9 +103,11 @@ def resolve_weights_path(path: str) -> str:
 def read_weights_file(path: str, allow_pickle_code_execution: bool = False, allow_key: str = "") -> Any:
     """Load a weights file (any iopath path, or a run folder) on the CPU, running no code from it.
 
-    Files of tensors, containers, numbers and strings load (``weights_only=True``, plus the numpy
-    types older vissl_vit checkpoints hold). A file that pickles other Python objects is refused
-    with a message naming what it would import, unless ``allow_pickle_code_execution`` is set.
+    ``.safetensors`` files and numpy ``.npz`` archives (JAX checkpoints: a flat dict under their
+    ``/``-joined names) hold only arrays. Torch files of tensors, containers, numbers and strings
+    load (``weights_only=True``, plus the numpy types older vissl_vit checkpoints hold); a torch
+    file that pickles other Python objects is refused with a message naming what it would import,
+    unless ``allow_pickle_code_execution`` is set.
 
     Args:
         path: the file.
@@ -105,12 +120,29 @@ def read_weights_file(path: str, allow_pickle_code_execution: bool = False, allo
     path = resolve_weights_path(path)
     with g_pathmgr.open(path, "rb") as f:
         data = f.read()
+    if _is_safetensors(data):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as e:  # noqa: BLE001  a truncated or damaged file
+            raise UserError(f"Could not read weights file {path} as safetensors: {e}") from None
+    if is_npz(data):
+        return read_npz(data, name=f"weights file {path}")
     return load_torch_file(
         data,
         name=f"weights file {path}",
         allow_code_key=allow_key or "config.MODEL.WEIGHTS_INIT.ALLOW_PICKLE_CODE_EXECUTION",
         allow_code=allow_pickle_code_execution,
     )
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors' layout: an 8-byte little-endian header length, then the JSON header."""
+    if len(data) < 10:
+        return False
+    header = int.from_bytes(data[:8], "little")
+    return 8 + header <= len(data) and data[8:9] == b"{"
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -184,6 +216,8 @@ def detect_format(keys: list[str]) -> str:
         return "mocov3"
     if any(k.startswith(("backbone.", "module.backbone.")) for k in ks):
         return "dino"
+    if is_jax_layout(keys):
+        return "jax"
     if any(k.startswith("trunk.") for k in ks):
         return "vissl" if any(k in ks for k in ("trunk.class_token", "trunk.pos_embedding")) else "vissl_vit"
     if any(k in ks for k in ("cls_token", "pos_embed", "patch_embed.proj.weight")) or any(
@@ -193,8 +227,14 @@ def detect_format(keys: list[str]) -> str:
     return ""
 
 
+_DEIT3_GAMMA_RE = re.compile(r"^blocks\.(\d+)\.gamma_([12])$")
+
+
 def _timm_to_ours(key: str) -> str:
     """One timm / DeiT / DINO backbone name -> ours."""
+    # DeiT-III's released files (models_v2.py) name LayerScale gamma_1 / gamma_2; timm's
+    # checkpoint_filter_fn renames them the same way
+    key = _DEIT3_GAMMA_RE.sub(r"blocks.\1.ls\2.gamma", key)
     if key.startswith("fc_norm."):  # timm's final norm with average pooling
         return "trunk.norm." + key[len("fc_norm.") :]
     if key.startswith("head."):  # the linear classifier -> vision_transformer_head without pre-logits
@@ -211,6 +251,8 @@ def map_names(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     ``heads.`` (e.g. ``dino_head.*``, ``mocov3_predictor.*``), so that they show up as unexpected
     keys when the whole model is loaded and are left out when only the trunk is.
     """
+    if fmt == "jax":  # the arrays are re-laid out, not only renamed
+        sd, fmt = jax_to_timm(sd), "timm"
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         new = key
@@ -220,7 +262,7 @@ def map_names(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
                 first, dot, tail = rest.partition(".")
                 new = f"trunk.{_VISSL_NAMES.get(first, first)}{dot}{tail}"
         elif fmt in ("timm", "deit"):
-            new = _timm_to_ours(key)
+            new = key if key.startswith(_JAX_UNMAPPED) else _timm_to_ours(key)
         elif fmt == "dino":
             k = key[len("module.") :] if key.startswith("module.") else key
             if k.startswith("backbone."):
@@ -244,7 +286,7 @@ def map_names(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
 
 
 _FC_NORM_RE = re.compile(r"(^|\.)fc_norm\.(weight|bias)$")
-_TIMM_LIKE = ("timm", "deit", "dino", "mocov3")
+_TIMM_LIKE = ("timm", "deit", "dino", "mocov3", "jax")
 
 
 def check_pool_order(raw_keys: list[str], fmt: str, model: nn.Module, path: str) -> None:
@@ -266,7 +308,8 @@ def check_pool_order(raw_keys: list[str], fmt: str, model: nn.Module, path: str)
             f"The weights in {path} hold timm's fc_norm (average the tokens, then norm), but the trunk norms the "
             f"tokens before averaging (VISSL's order): set {key}=True for the outputs the file was trained with."
         )
-    has_cls = any(k.endswith("cls_token") for k in raw_keys)
+    # a JAX checkpoint calls its class token "cls" (and always norms the tokens before averaging)
+    has_cls = any(k.endswith("cls_token") or k == "cls" or k.endswith("/cls") for k in raw_keys)
     if trunk.fc_norm and not file_fc_norm and not has_cls:
         raise UserError(
             f"The weights in {path} are an average-pooling timm model with fc_norm=False (norm the tokens, then "
@@ -287,16 +330,34 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _fit_pos_embed(value: torch.Tensor, target: torch.Tensor, num_prefix: int) -> torch.Tensor | None:
-    """A checkpoint's [1, prefix + n, D] position embedding resampled to the model's grid, or None."""
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n**0.5)) ** 2 == n
+
+
+def _fit_pos_embed(value: torch.Tensor, target: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, str] | None:
+    """A checkpoint's [1, prefix + n, D] position embedding fitted to the model's [1, num_prefix + m, D]
+    (a zero row for each prefix slot the file lacks, the grid resampled), and what was done; or None.
+
+    A file without the model's prefix slots comes from a model that added no position to its class
+    token (timm's ``no_embed_class``): zeros there compute the same.
+    """
     if value.ndim != 3 or value.shape[0] != 1 or value.shape[2] != target.shape[2]:
         return None
     new = target.shape[1] - num_prefix
     side = int(round(new**0.5))
-    old = value.shape[1] - num_prefix
-    if side * side != new or int(round(old**0.5)) ** 2 != old:
+    if not _is_square(new):
         return None
-    return resample_pos_embed(value, (side, side), num_prefix)
+    done = []
+    if not _is_square(value.shape[1] - num_prefix) and num_prefix and _is_square(value.shape[1]):
+        value = torch.cat([value.new_zeros(1, num_prefix, value.shape[2]), value], dim=1)
+        done.append("zero class-token slot added (the file has none, as timm's no_embed_class)")
+    old = value.shape[1] - num_prefix
+    if not _is_square(old):
+        return None
+    if old != new:
+        value = resample_pos_embed(value, (side, side), num_prefix)
+        done.append("resampled")
+    return value, ", ".join(done)
 
 
 def load_weights(
@@ -324,7 +385,9 @@ def load_weights(
     report = LoadReport(path=path, format=fmt)
     own = model.state_dict()
     prefix = "trunk." if scope == "trunk" else ""
-    num_prefix = getattr(getattr(model, "trunk", None), "num_prefix_tokens", 1)
+    trunk = getattr(model, "trunk", None)
+    # prefix slots of the trunk's position embedding: none with timm's no_embed_class
+    num_prefix = 0 if getattr(trunk, "no_embed_class", False) else getattr(trunk, "num_prefix_tokens", 1)
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if _matches(key, list(skip_layers)):
@@ -341,8 +404,8 @@ def load_weights(
             if key.endswith("pos_embed"):
                 fitted = _fit_pos_embed(value, target, num_prefix)
                 if fitted is not None:
-                    report.resized.append(f"{key} {tuple(value.shape)} -> {tuple(target.shape)}")
-                    value = fitted
+                    report.resized.append(f"{key} {tuple(value.shape)} -> {tuple(target.shape)} ({fitted[1]})")
+                    value = fitted[0]
             if value.shape != target.shape:
                 report.mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(target.shape)}")
                 continue
@@ -428,7 +491,7 @@ def init_model_from_weights(model: nn.Module, weights_cfg: Any, scope: str) -> L
         fmt,
         where,
         len(report.loaded),
-        f"; position embedding resampled: {', '.join(report.resized)}" if report.resized else "",
+        f"; position embedding fitted: {', '.join(report.resized)}" if report.resized else "",
         f"; skipped (SKIP_LAYERS): {_summarise(report.skipped, 6)}" if report.skipped else "",
         f"; left out (not part of the trunk): {_summarise(report.not_in_scope, 6)}" if report.not_in_scope else "",
     )

@@ -1,4 +1,4 @@
-"""The transformer block's MLP: Linear -> GELU -> Dropout -> Linear -> Dropout."""
+"""The transformer block's MLP: Linear -> activation -> Dropout -> Linear -> Dropout."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ class Mlp(nn.Module):
         dim: input and output width.
         hidden_dim: hidden width (usually 4 x dim).
         dropout: dropout after each linear layer.
+        act_layer: the activation class (GELU, exact erf form, as timm and DeiT).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(dropout)

@@ -17,13 +17,20 @@ selects timm's, as the trunk's default output ``lastFCNORM``.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vissl_vit.errors import ConfigError
 from vissl_vit.models.layers import Block, PatchEmbed, resample_pos_embed, sincos_2d_pos_embed
+from vissl_vit.models.layers.block import LayerNorm6
+from vissl_vit.models.layers.init import apply_weight_init
+from vissl_vit.models.trunks.base import Trunk
 from vissl_vit.registry import TRUNKS
 
 # Feature names of forward(x, out_feat_keys). {n}: the last n blocks; {i}: block i (from 0).
@@ -56,9 +63,27 @@ def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
     return hidden_dim * n
 
 
+BLOCKS = ("prenorm", "rescale", "espa")
+NORMS = ("layernorm", "batchnorm", "groupnorm", "none")
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU}
+
+
+def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
+    if kind == "layernorm":
+        return LayerNorm6
+    from vissl_vit.models.layers.norms import build_norm_layer
+
+    return build_norm_layer(kind)
+
+
 @TRUNKS.register("vision_transformer")
-class VisionTransformer(nn.Module):
-    """ViT trunk returning the features named in ``out_feat_keys``.
+class VisionTransformer(Trunk):
+    """ViT trunk returning the features named in ``out_feat_keys``, assembled from layers chosen by keyword.
+
+    The seeds' variants are options of this one trunk: DeiT-III's LayerScale (``init_values``),
+    RescaleViT's norms (``norm_layer``) and rescaled block (``block="rescale"``), SimplEsT-ViT's
+    E-SPA + TAT block without skips or norms (``block="espa"``), big_vision's SimpleViT
+    (``use_class_token=False, classifier="gap", pos_embed_type="sincos", weight_init="jax"``).
 
     Args:
         image_size: input side the position embeddings are made for.
@@ -74,14 +99,35 @@ class VisionTransformer(nn.Module):
         fc_norm: with "gap", average first and norm after (timm's ``fc_norm=True``): the
             default feature is then lastFCNORM.
         use_class_token: prepend a learned class token.
-        drop_path_rate: stochastic depth of the last block (linear from 0 at the first).
+        no_embed_class: the position embedding has no class-token slot and is added before the
+            class token is prepended (DeiT-III, timm's ``no_embed_class``).
+        drop_path_rate: stochastic depth: the last block's rate, linear from 0 at the first, or
+            every block's rate with ``drop_path_uniform``.
+        drop_path_uniform: the same rate in every block (DeiT-III) instead of timm's linear ramp.
         qkv_bias: bias in the qkv projections.
         qk_scale: attention scale, None for head_dim ** -0.5.
-        pos_embed_type: "learned", or "sincos" (fixed 2-D sine-cosine, MoCo v3).
-        freeze_patch_embed: keep the patch projection at its random init (MoCo v3's stability trick).
+        pos_embed_type: "learned", or "sincos" (fixed 2-D sine-cosine, MoCo v3, big_vision).
+        freeze_patch_embed: keep the patch projection at a random Xavier-uniform init (MoCo v3's
+            stability trick).
+        init_values: LayerScale's initial value (1e-4 for DeiT-III at every size), None for none.
+        norm_layer: "layernorm", "batchnorm" (over batch and tokens), "groupnorm" (4 groups, over
+            the group's channels and all tokens) or "none" (RescaleViT's variants).
+        act_layer: the MLP activation: "gelu" (exact), "gelu_tanh" (JAX's default), "relu".
+        block: "prenorm" (ViT), "rescale" (RescaleViT, no norms) or "espa" (SimplEsT-ViT: E-SPA
+            attention + TAT MLP, no skips, no norms).
+        weight_init: "timm", "jax" (big_vision), "moco" (moco-v3) or "simplest"; see
+            :mod:`vissl_vit.models.layers.init`.
+        espa_gamma_max_depth: E-SPA's decay of the last layer's target kernel (0.005).
+        tat_eta: TAT's target C-map value at 0 of the whole MLP stack (0.9).
+        espa_suo_torch_layout: E-SPA blocks: SimplEsT-ViT's scaled-uniform-orthogonal init as its code
+            runs it on torch's (out, in) weights (the gain lands on the narrowing layer: fc2 gets
+            2 for MLP_DIM = 4 D), instead of the DKS paper's fan-out/fan-in rule (False).
         checkpoint_mlp: recompute block MLPs in the backward pass.
         checkpoint_block: recompute whole blocks in the backward pass.
     """
+
+    CONFIG_SECTIONS = ("VISION_TRANSFORMERS",)
+    FEATURE_PATTERNS = FEATURE_PATTERNS
 
     def __init__(
         self,
@@ -97,53 +143,87 @@ class VisionTransformer(nn.Module):
         classifier: Literal["token", "gap"] = "token",
         fc_norm: bool = False,
         use_class_token: bool = True,
+        no_embed_class: bool = False,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         qkv_bias: bool = False,
         qk_scale: float | None = None,
         pos_embed_type: Literal["learned", "sincos"] = "learned",
         freeze_patch_embed: bool = False,
+        init_values: float | None = None,
+        norm_layer: Literal["layernorm", "batchnorm", "groupnorm", "none"] = "layernorm",
+        act_layer: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
+        block: Literal["prenorm", "rescale", "espa"] = "prenorm",
+        weight_init: Literal["timm", "jax", "moco", "simplest"] = "timm",
+        espa_gamma_max_depth: float = 0.005,
+        tat_eta: float = 0.9,
+        espa_suo_torch_layout: bool = True,
         checkpoint_mlp: bool = False,
         checkpoint_block: bool = False,
     ) -> None:
         super().__init__()
-        if classifier not in ("token", "gap"):
-            raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}")
-        if fc_norm and classifier != "gap":
-            raise ValueError("fc_norm=True (timm's pooling order) needs classifier='gap'")
-        if classifier == "token" and not use_class_token:
-            raise ValueError("classifier='token' needs use_class_token=True")
-        if pos_embed_type not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed_type must be 'learned' or 'sincos', got {pos_embed_type!r}")
+        problems = _option_problems(
+            classifier, fc_norm, use_class_token, pos_embed_type, norm_layer, act_layer, block, weight_init
+        )
+        if problems:
+            raise ValueError(problems[0])
         self.classifier = classifier
         self.fc_norm = fc_norm
         self.embed_dim = hidden_dim
         self.num_prefix_tokens = 1 if use_class_token else 0
+        self.no_embed_class = no_embed_class
         self.checkpoint_block = checkpoint_block
+        # LayerNorm and no norm act on each token alone: norm(x)[:, 0] == norm(x[:, 0]), and the
+        # class-token features skip normalising the other tokens
+        self._token_wise_norm = norm_layer in ("layernorm", "none")
         self.patch_embed = PatchEmbed(patch_size, in_chans, hidden_dim)
-        num_patches = (image_size // patch_size) ** 2
+        grid = image_size // patch_size
+        num_patches = grid * grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim)) if use_class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_dim))
+        pos_tokens = num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, hidden_dim))
         self.pos_drop = nn.Dropout(dropout_rate)
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        self.blocks = nn.ModuleList(
-            Block(
-                hidden_dim,
-                num_heads,
-                mlp_dim,
-                qkv_bias,
-                qk_scale,
-                dropout_rate,
-                attention_dropout_rate,
-                r,
-                checkpoint_mlp,
-            )
-            for r in rates
-        )
-        self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self._init_weights()
+        if drop_path_uniform:
+            rates = [drop_path_rate] * num_layers
+        else:
+            rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        norm = _norm_layer(norm_layer)
+        act = ACTIVATIONS[act_layer]
+        common = dict(qkv_bias=qkv_bias, qk_scale=qk_scale, dropout=dropout_rate, attn_drop=attention_dropout_rate)
+        blocks: list[nn.Module] = []
+        if block == "espa":  # TAT's slope depends on the depth only: solve it once
+            from vissl_vit.models.layers.tat import tat_leaky_relu_slope
+
+            slope = tat_leaky_relu_slope(num_layers, tat_eta)
+        for i, r in enumerate(rates):
+            if block == "prenorm":
+                blk = Block(
+                    hidden_dim, num_heads, mlp_dim, **common, drop_path=r, init_values=init_values,
+                    norm_layer=norm, act_layer=act, checkpoint_mlp=checkpoint_mlp,
+                )  # fmt: skip
+            elif block == "rescale":
+                from vissl_vit.models.layers.norms import RescaleBlock
+
+                blk = RescaleBlock(
+                    hidden_dim, num_heads, mlp_dim, layer_index=i + 1, depth=num_layers, **common,
+                    drop_path=r, act_layer=act,
+                )  # fmt: skip
+            else:
+                from vissl_vit.models.layers.espa import ESPABlock
+
+                blk = ESPABlock(
+                    hidden_dim, num_heads, mlp_dim, layer_index=i + 1, depth=num_layers, num_tokens=num_patches,
+                    gamma_max_depth=espa_gamma_max_depth, c_val_0_target=tat_eta, negative_slope=slope,
+                    qkv_bias=qkv_bias, dks_torch_layout=espa_suo_torch_layout, checkpoint_mlp=checkpoint_mlp,
+                )  # fmt: skip
+            blocks.append(blk)
+        self.blocks = nn.ModuleList(blocks)
+        self.block_types = (type(blocks[0]),) if blocks else ()
+        self.norm = norm(hidden_dim)
+        apply_weight_init(self, weight_init)
         if pos_embed_type == "sincos":
-            grid = image_size // patch_size
-            self.pos_embed.data.copy_(sincos_2d_pos_embed(grid, hidden_dim, self.num_prefix_tokens))
+            prefix = 0 if no_embed_class else self.num_prefix_tokens
+            self.pos_embed.data.copy_(sincos_2d_pos_embed(grid, hidden_dim, prefix))
             self.pos_embed.requires_grad = False
         if freeze_patch_embed:
             # MoCo v3: a fixed random patch projection (Xavier-uniform over the patch) avoids the
@@ -155,15 +235,133 @@ class VisionTransformer(nn.Module):
             proj.weight.requires_grad = False
             proj.bias.requires_grad = False
 
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+    # ---- the contract: from the config -----------------------------------------------------------
+
+    @classmethod
+    def kwargs_from_config(cls, trunk_cfg: DictConfig) -> dict[str, Any]:
+        """MODEL.TRUNK.VISION_TRANSFORMERS -> keyword arguments."""
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        return {
+            "image_size": vit.IMAGE_SIZE,
+            "patch_size": vit.PATCH_SIZE,
+            "in_chans": vit.IN_CHANNELS,
+            "num_layers": vit.NUM_LAYERS,
+            "num_heads": vit.NUM_HEADS,
+            "hidden_dim": vit.HIDDEN_DIM,
+            "mlp_dim": vit.MLP_DIM,
+            "dropout_rate": vit.DROPOUT_RATE,
+            "attention_dropout_rate": vit.ATTENTION_DROPOUT_RATE,
+            "classifier": vit.CLASSIFIER,
+            "fc_norm": vit.FC_NORM,
+            "use_class_token": vit.USE_CLASS_TOKEN,
+            "no_embed_class": vit.NO_EMBED_CLASS,
+            "drop_path_rate": vit.DROP_PATH_RATE,
+            "drop_path_uniform": vit.DROP_PATH_UNIFORM,
+            "qkv_bias": vit.QKV_BIAS,
+            "pos_embed_type": vit.POS_EMBED,
+            "freeze_patch_embed": vit.FREEZE_PATCH_EMBED,
+            # VISSL writes False for "the default scale"
+            "qk_scale": None if isinstance(vit.QK_SCALE, bool) else float(vit.QK_SCALE),
+            "init_values": None if vit.LAYER_SCALE_INIT is None else float(vit.LAYER_SCALE_INIT),
+            "norm_layer": vit.NORM_LAYER,
+            "act_layer": vit.ACT_LAYER,
+            "block": vit.BLOCK,
+            "weight_init": vit.WEIGHT_INIT,
+            "espa_gamma_max_depth": vit.ESPA_GAMMA_MAX_DEPTH,
+            "tat_eta": vit.TAT_ETA,
+            "espa_suo_torch_layout": vit.ESPA_SUO_TORCH_LAYOUT,
+            "checkpoint_mlp": vit.CHECKPOINT_MLP,
+            "checkpoint_block": vit.CHECKPOINT_BLOCK,
+        }
+
+    @classmethod
+    def check_config(cls, trunk_cfg: DictConfig) -> None:
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        prefix = "config.MODEL.TRUNK.VISION_TRANSFORMERS"
+        for key in ("IMAGE_SIZE", "PATCH_SIZE", "IN_CHANNELS", "NUM_LAYERS", "NUM_HEADS", "HIDDEN_DIM", "MLP_DIM"):
+            if vit[key] < 1:
+                raise ConfigError(f"{prefix}.{key}={vit[key]}: expected at least 1.")
+        if vit.IMAGE_SIZE % vit.PATCH_SIZE:
+            raise ConfigError(
+                f"{prefix}.IMAGE_SIZE={vit.IMAGE_SIZE} must be a multiple of PATCH_SIZE={vit.PATCH_SIZE}."
+            )
+        if vit.HIDDEN_DIM % vit.NUM_HEADS:
+            raise ConfigError(f"{prefix}.HIDDEN_DIM={vit.HIDDEN_DIM} must be a multiple of NUM_HEADS={vit.NUM_HEADS}.")
+        problems = _option_problems(
+            vit.CLASSIFIER, vit.FC_NORM, vit.USE_CLASS_TOKEN, vit.POS_EMBED, vit.NORM_LAYER, vit.ACT_LAYER,
+            vit.BLOCK, vit.WEIGHT_INIT, prefix,
+        )  # fmt: skip
+        if problems:
+            raise ConfigError(problems[0])
+        if vit.POS_EMBED == "sincos" and vit.HIDDEN_DIM % 4:
+            raise ConfigError(f"{prefix}.POS_EMBED='sincos' needs HIDDEN_DIM divisible by 4, got {vit.HIDDEN_DIM}.")
+        if vit.BLOCK == "espa":
+            from vissl_vit.models.layers.espa import tat_leaky_relu_slope
+
+            try:
+                tat_leaky_relu_slope(int(vit.NUM_LAYERS), float(vit.TAT_ETA))
+            except ValueError as e:
+                raise ConfigError(f"{prefix}.BLOCK='espa' with NUM_LAYERS={vit.NUM_LAYERS}: {e}") from None
+
+    @classmethod
+    def feature_width_from_config(cls, trunk_cfg: DictConfig, key: str) -> int | None:
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        return feature_width(key, int(vit.HIDDEN_DIM), int(vit.NUM_LAYERS))
+
+    @classmethod
+    def default_feature_from_config(cls, trunk_cfg: DictConfig) -> str:
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        if vit.CLASSIFIER == "token":
+            return "lastCLS"
+        return "lastFCNORM" if vit.FC_NORM else "lastPOOL"
+
+    @classmethod
+    def num_params_from_config(cls, trunk_cfg: DictConfig) -> int:
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        if vit.NUM_LAYERS <= 1000:  # exact: the structure, built without memory
+            return super().num_params_from_config(trunk_cfg)
+        # absurd depths (refused for memory): the plain ViT's closed form, without building
+        d, m, p = int(vit.HIDDEN_DIM), int(vit.MLP_DIM), int(vit.PATCH_SIZE)
+        prefix = 1 if vit.USE_CLASS_TOKEN else 0
+        block = 3 * d * d + (3 * d if vit.QKV_BIAS else 0) + d * d + d + 2 * d * m + m + d + 4 * d
+        tokens = (int(vit.IMAGE_SIZE) // max(p, 1)) ** 2 + prefix
+        return int(vit.NUM_LAYERS) * block + int(vit.IN_CHANNELS) * p * p * d + d + prefix * d + tokens * d + 2 * d
+
+    @classmethod
+    def size_summary(cls, trunk_cfg: DictConfig) -> str:
+        vit = trunk_cfg.VISION_TRANSFORMERS
+        return f"NUM_LAYERS={vit.NUM_LAYERS}, HIDDEN_DIM={vit.HIDDEN_DIM}, MLP_DIM={vit.MLP_DIM}"
+
+    @classmethod
+    def timm_reference(cls, trunk_cfg: DictConfig, num_classes: int) -> nn.Module | None:
+        """timm's VisionTransformer of the same shape (prenorm LayerNorm blocks only)."""
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        v = trunk_cfg.VISION_TRANSFORMERS
+        if v.BLOCK != "prenorm" or v.NORM_LAYER != "layernorm":
+            return None
+        return TimmViT(
+            img_size=v.IMAGE_SIZE,
+            patch_size=v.PATCH_SIZE,
+            in_chans=v.IN_CHANNELS,
+            embed_dim=v.HIDDEN_DIM,
+            depth=v.NUM_LAYERS,
+            num_heads=v.NUM_HEADS,
+            mlp_ratio=v.MLP_DIM / v.HIDDEN_DIM,
+            qkv_bias=v.QKV_BIAS,
+            class_token=v.USE_CLASS_TOKEN,
+            no_embed_class=v.NO_EMBED_CLASS,
+            init_values=v.LAYER_SCALE_INIT,
+            global_pool="token" if v.CLASSIFIER == "token" else "avg",
+            fc_norm=bool(v.FC_NORM) if v.CLASSIFIER == "gap" else None,
+            num_classes=num_classes,
+            drop_path_rate=v.DROP_PATH_RATE,
+        )
+
+    # ---- the contract: the built trunk -------------------------------------------------------------
+
+    def feature_width(self, key: str) -> int | None:
+        return feature_width(key, self.embed_dim, len(self.blocks))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that conventionally get no weight decay."""
@@ -172,15 +370,26 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, prefix + H/p * W/p, D] with position embeddings."""
         x, grid = self.patch_embed(x)
+        if self.no_embed_class:  # DeiT-III: the class token carries no position
+            x = x + resample_pos_embed(self.pos_embed, grid, 0)
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            return self.pos_drop(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
         return self.pos_drop(x + pos)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+    def _normed(self, x: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The final norm over all tokens of one block output, computed once per output."""
+        if id(x) not in cache:
+            cache[id(x)] = self.norm(x)
+        return cache[id(x)]
+
+    def _pool(self, x: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
         # VISSL's FeatAvgPool over the normed tokens (its interms are norm(x)); the class token,
         # which VISSL refuses to pool, is left out
-        return self.norm(x)[:, self.num_prefix_tokens :].mean(dim=1)
+        return self._normed(x, cache)[:, self.num_prefix_tokens :].mean(dim=1)
 
     def _pool_fc_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))
@@ -191,10 +400,12 @@ class VisionTransformer(nn.Module):
             return "lastCLS"
         return "lastFCNORM" if self.fc_norm else "lastPOOL"
 
-    def _cls(self, x: torch.Tensor, key: str) -> torch.Tensor:
+    def _cls(self, x: torch.Tensor, key: str, cache: dict[int, torch.Tensor]) -> torch.Tensor:
         if self.cls_token is None:
             raise ValueError(f"feature '{key}' needs a class token (use_class_token=False)")
-        return self.norm(x[:, 0])
+        if self._token_wise_norm:  # LayerNorm: normalise the class token alone
+            return self.norm(x[:, 0])
+        return self._normed(x, cache)[:, 0]  # batch or group statistics take every token
 
     def parse_feature_keys(self, out_feat_keys: list[str]) -> int:
         """Check feature names; return how many of the last blocks' outputs they need."""
@@ -210,6 +421,8 @@ class VisionTransformer(nn.Module):
                 n = depth - int(m.group(3))
             if not 1 <= n <= depth:
                 raise ValueError(f"feature '{key}' asks for blocks the trunk does not have (it has {depth})")
+            if m.group(1) == "lastFCNORM" and not self._token_wise_norm:
+                raise ValueError("feature 'lastFCNORM' (norm of the mean token) needs a token-wise norm (layernorm)")
             need = max(need, n)
         return need
 
@@ -232,28 +445,83 @@ class VisionTransformer(nn.Module):
             if i >= depth - keep:
                 outs.append(x)
         feats = []
+        cache: dict[int, torch.Tensor] = {}
         for key in keys:
             m = _FEATURE_RE.match(key)
             name = m.group(1)
             if name == "lastCLS":
-                feats.append(self._cls(outs[-1], key))
+                feats.append(self._cls(outs[-1], key, cache))
             elif name == "lastPOOL":
-                feats.append(self._pool(outs[-1]))
+                feats.append(self._pool(outs[-1], cache))
             elif name == "lastFCNORM":
                 feats.append(self._pool_fc_norm(outs[-1]))
             elif name == "lastBLK":
-                feats.append(self.norm(outs[-1]))
+                feats.append(self._normed(outs[-1], cache))
             elif name == "lastMAP":
                 feats.append(attn)
             elif name.startswith("concatCLS"):
-                feats.append(torch.cat([self._cls(o, key) for o in outs[-int(m.group(2)) :]], dim=-1))
+                feats.append(torch.cat([self._cls(o, key, cache) for o in outs[-int(m.group(2)) :]], dim=-1))
             elif name.startswith("blkCLS"):
-                feats.append(self._cls(outs[int(m.group(3)) - (depth - keep)], key))
+                feats.append(self._cls(outs[int(m.group(3)) - (depth - keep)], key, cache))
             else:  # concatPOOL{n}
-                feats.append(torch.cat([self._pool(o) for o in outs[-int(m.group(4)) :]], dim=-1))
+                feats.append(torch.cat([self._pool(o, cache) for o in outs[-int(m.group(4)) :]], dim=-1))
         return feats
 
     @torch.no_grad()
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block [B, heads, L, L], for visualisation (DINO's name)."""
         return self.forward(x, ["lastMAP"])[0]
+
+
+def _option_problems(
+    classifier: str,
+    fc_norm: bool,
+    use_class_token: bool,
+    pos_embed_type: str,
+    norm_layer: str,
+    act_layer: str,
+    block: str,
+    weight_init: str,
+    prefix: str = "",
+) -> list[str]:
+    """What is wrong with a combination of the trunk's options, each as one sentence naming the key
+    (config names under ``prefix``, else the keyword arguments)."""
+    from vissl_vit.models.layers.init import WEIGHT_INITS
+
+    def name(key: str, kwarg: str) -> str:
+        return f"{prefix}.{key}" if prefix else kwarg
+
+    out = []
+    choices = [
+        ("CLASSIFIER", "classifier", classifier, ("token", "gap")),
+        ("POS_EMBED", "pos_embed_type", pos_embed_type, ("learned", "sincos")),
+        ("NORM_LAYER", "norm_layer", norm_layer, NORMS),
+        ("ACT_LAYER", "act_layer", act_layer, tuple(ACTIVATIONS)),
+        ("BLOCK", "block", block, BLOCKS),
+        ("WEIGHT_INIT", "weight_init", weight_init, WEIGHT_INITS),
+    ]
+    for key, kwarg, value, allowed in choices:
+        if value not in allowed:
+            out.append(f"{name(key, kwarg)}='{value}': expected one of {', '.join(allowed)}.")
+
+    def bare(key: str, kwarg: str) -> str:
+        return key if prefix else kwarg
+
+    fc, cl, ct, nl, bl = (
+        name("FC_NORM", "fc_norm"),
+        bare("CLASSIFIER", "classifier"),
+        bare("USE_CLASS_TOKEN", "use_class_token"),
+        bare("NORM_LAYER", "norm_layer"),
+        name("BLOCK", "block"),
+    )
+    if fc_norm and classifier != "gap":
+        out.append(f"{fc}=True (timm's order of average pooling) needs {cl}='gap'.")
+    if fc_norm and norm_layer != "layernorm":
+        out.append(f"{fc}=True (the norm of the mean token) needs {nl}='layernorm'.")
+    if classifier == "token" and not use_class_token:
+        out.append(f"{name('CLASSIFIER', 'classifier')}='token' needs {ct}=True; use {cl}='gap' without it.")
+    if block in ("rescale", "espa") and norm_layer != "none":
+        out.append(f"{bl}='{block}' has no normalisation layers: set {nl}='none' (got '{norm_layer}').")
+    if block == "espa" and use_class_token:
+        out.append(f"{bl}='espa' attends over the patch grid only: set {ct}=False and {cl}='gap'.")
+    return out
