@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -39,14 +40,18 @@ def _build(overrides: list[str]) -> None:
     cfg = compose_config(overrides).config
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
     derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)
-    model = build_model(cfg)
+    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
+    small = vit.HIDDEN_DIM <= 128
+    # the published sizes (ViT-B/L, ConViT-B) are built on the meta device: their structure, parameter
+    # names and optimizer groups, without the seconds their CPU initialisation takes
+    with contextlib.nullcontext() if small else torch.device("meta"):
+        model = build_model(cfg)
     build_loss(cfg)
     if cfg.ENGINE_NAME == "train":  # the evaluation engines train nothing
         build_optimizer(cfg, model)
         sched = build_lr_scheduler(derived)
         assert sched(0.5) >= 0.0
-    vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
-    if vit.HIDDEN_DIM <= 128:  # a forward and a loss on the small models
+    if small:  # a forward and a loss on the small models
         x = torch.randn(2, vit.IN_CHANNELS, vit.IMAGE_SIZE, vit.IMAGE_SIZE)
         views = {"moco_collator": 2, "multicrop_collator": cfg.LOSS.swav_loss.num_crops}
         if cfg.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator" and cfg.LOSS.name == "swav_loss":

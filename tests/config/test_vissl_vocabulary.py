@@ -3,8 +3,11 @@ mapped or refused; VISSL-format config files compose, build and train unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from vissl_vit.config.vissl_compat import (
     translate_source,
 )
 from vissl_vit.errors import ConfigError
+from vissl_vit.utils.logging import keep_for_run_log, setup_logging
 
 HERE = Path(__file__).resolve().parent
 # VISSL's defaults.yaml flattened (facebookresearch/vissl, vissl/config/defaults.yaml)
@@ -71,14 +75,14 @@ def test_vissls_default_values_are_never_refused():
 
 
 def test_table_entries_are_live_and_point_at_real_keys():
+    reached = {id(find_rule(k)) for k in VISSL_KEYS}  # the rule each key of VISSL's defaults.yaml finds
     for rule in load_vocabulary():
         name = ".".join(rule.key)
         if rule.kind == "mapped":  # the target is a key of vissl_vit's defaults.yaml
             assert rule.to in _leaves(DEFAULTS), rule
         if not rule.convert and "*" not in rule.key:  # a key vissl_vit declares is implemented
             assert not declared(DEFAULTS, rule.key), f"{name} is in defaults.yaml now: drop its table entry"
-        used = [k for k in VISSL_KEYS if find_rule(k) is rule]
-        assert used, f"no key of VISSL's defaults.yaml reaches the table entry {name}"
+        assert id(rule) in reached, f"no key of VISSL's defaults.yaml reaches the table entry {name}"
 
 
 # ---- each kind, through compose_config ----
@@ -111,6 +115,13 @@ def notes():
 
 
 QUICK = ["config.MACHINE.DEVICE=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _forget_kept_notes():
+    """Each compose here keeps its notes for the next run's log.txt: none outlives its test."""
+    yield
+    keep_for_run_log("", [])
 
 
 def test_noop_keys_are_accepted_and_logged_once(vissl_file, notes):
@@ -252,6 +263,11 @@ CASES = {
         'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [32, 64, 128], "use_relu": True}]]',
         "config.LOSS.moco_loss.queue_size=16",
     ],
+    "simclr": [
+        "config=pretrain/vision_transformer/simclr/vit_b16",
+        f"{V}.NUM_LAYERS=2",
+        'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [32, 64, 128], "use_relu": True}]]',
+    ],
     "swav": [
         "config=pretrain/vision_transformer/swav/vit_b16_swav",
         f"{V}.NUM_LAYERS=2",
@@ -278,9 +294,9 @@ CASES = {
 }
 
 
-def _compose(case: str, run_dir: Path, monkeypatch) -> object:
+def _compose(case: str, run_dir: Path, monkeypatch, *extra: str) -> object:
     monkeypatch.setattr(compose, "configs_dir", lambda: VISSL_CONFIGS)
-    return compose.compose_config([*CASES[case], *SIZE, *DEVICE, *DATA, f"config.CHECKPOINT.DIR={run_dir}"])
+    return compose.compose_config([*CASES[case], *SIZE, *DEVICE, *DATA, f"config.CHECKPOINT.DIR={run_dir}", *extra])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -294,17 +310,91 @@ def test_vissl_config_composes_and_builds(case, tmp_path, monkeypatch):
         assert cfg.NEAREST_NEIGHBOR.TEMPERATURE == 0.1 and list(cfg.NEAREST_NEIGHBOR.TOPK) == [200]
 
 
-@pytest.mark.parametrize("case", ["supervised", "moco"])
-def test_vissl_config_trains_two_iterations(case, tmp_path, monkeypatch):
+def _assert_notes_in_log_once(notes: list[str], run_dir: Path) -> None:
+    """Each line the vocabulary logged while the config was composed is in the run's log.txt, once."""
+    assert notes, "every VISSL file here carries housekeeping keys that vissl_vit notes"
+    log = (run_dir / "log.txt").read_text().splitlines()
+    for note in dict.fromkeys(notes):
+        assert sum(line.endswith(f"vissl_vit.config.vissl_compat: {note}") for line in log) == 1, (note, log[:5])
+
+
+# 8 synthetic images in batches of 4: 2 iterations in the one epoch. VISSL's linear eval schedule is
+# multistep by epoch (milestones [8, 16, 24] of 28 epochs): there, 2 epochs of 4 images with one
+# milestone, and the test phase after each, which VISSL's base config runs (TEST_MODEL: True).
+TRAIN_CASES = ["supervised", "deit_cutmixup", "moco", "simclr", "swav", "linear_eval"]
+SMALL_RUN = ["config.DATA.SYNTHETIC.NUM_IMAGES=8", "config.TEST_MODEL=False", "config.MODEL.AMP_PARAMS.USE_AMP=False"]
+RUN_OVERRIDES = {
+    "linear_eval": [
+        "config.OPTIMIZER.num_epochs=2",
+        "config.DATA.SYNTHETIC.NUM_IMAGES=4",
+        "config.OPTIMIZER.param_schedulers.lr.values=[0.01,0.001]",
+        "config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+        "config.TEST_MODEL=True",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_vissl_config_trains_two_iterations(case, tmp_path, monkeypatch, notes):
     from vissl_vit.engine.train_engine import run_train_engine
 
+    assert set(TRAIN_CASES) | {"knn"} == set(CASES)  # every case runs: knn in the test below
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(compose, "configs_dir", lambda: VISSL_CONFIGS)
-    cfg_root = compose.compose_config(
-        [*CASES[case], *SIZE, *DEVICE, *DATA, f"config.CHECKPOINT.DIR={run_dir}", "config.DATA.SYNTHETIC.NUM_IMAGES=8"]
-        + ["config.TEST_MODEL=False", "config.MODEL.AMP_PARAMS.USE_AMP=False"]
-    )
+    cfg_root = _compose(case, run_dir, monkeypatch, *SMALL_RUN, *RUN_OVERRIDES.get(case, []))
     torch.manual_seed(0)
     run_train_engine(cfg_root)
     losses = read_losses(run_dir)
-    assert max(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())  # LOG_FREQUENCY: 10
+    assert max(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())  # the last is logged
+    if case == "linear_eval":
+        phases = [json.loads(line) for line in (run_dir / "metrics.json").read_text().splitlines()]
+        assert sum("test_loss" in p for p in phases) == 2
+    _assert_notes_in_log_once(notes, run_dir)
+
+
+def test_vissl_knn_config_runs_its_engine(tmp_path, monkeypatch, notes):
+    from vissl_vit.engine.extract_engine import run_nearest_neighbor_engine
+
+    run_dir = tmp_path / "run"
+    record = run_nearest_neighbor_engine(_compose("knn", run_dir, monkeypatch, "config.DATA.SYNTHETIC.NUM_IMAGES=8"))
+    # VISSL's file: SIGMA 0.1, TOPK 200, L2_NORM_FEATS False; the DINO overlay's lastCLS feature
+    assert (record["temperature"], list(record["results"]), record["l2_norm_feats"]) == (0.1, ["200"], False)
+    assert record["feature"] == "lastCLS" and record["train_images"] == record["test_images"] == 8
+    assert json.loads((run_dir / "nearest_neighbor.json").read_text().splitlines()[-1]) == record
+    _assert_notes_in_log_once(notes, run_dir)
+
+
+# ---- the compose-time notes reach log.txt ----
+
+NOTED_FILE = "config:\n  MULTI_PROCESSING_METHOD: forkserver\n  TEST_MODEL: False\n  DATA:\n    TRAIN:\n      DATA_SOURCES: [synthetic]\n"
+
+
+def test_kept_notes_reach_one_run_log_once(tmp_path, vissl_file, notes):
+    name = vissl_file(NOTED_FILE)
+    compose.compose_config([name, *QUICK])
+    setup_logging(str(tmp_path / "a"), 0)
+    setup_logging(str(tmp_path / "a"), 0)  # a second engine in the same run folder: not again
+    setup_logging(str(tmp_path / "b"), 0)  # nor in the next run's folder
+    _assert_notes_in_log_once(notes, tmp_path / "a")
+    assert "MULTI_PROCESSING_METHOD" not in (tmp_path / "b" / "log.txt").read_text()
+    # a config that fails to compose leaves nothing of the earlier one for the next run
+    compose.compose_config([name, *QUICK])
+    with pytest.raises(ConfigError):
+        compose.compose_config([name, *QUICK, "config.SEED_VALUE=abc"])
+    setup_logging(str(tmp_path / "c"), 0)
+    assert "MULTI_PROCESSING_METHOD" not in (tmp_path / "c" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_kept_notes_reach_a_spawned_workers_log(tmp_path, vissl_file):
+    # spawned workers start a fresh interpreter and get the config as YAML text (engine/launch.py
+    # _spawned_worker): the notes travel in the environment they inherit
+    name = vissl_file(NOTED_FILE)
+    compose.compose_config([name, *QUICK])
+    # the child loads only vissl_vit/utils/logging.py (stdlib only): importing the package (torch) takes seconds
+    code = (
+        "import importlib.util as u, sys; spec = u.spec_from_file_location('vl', sys.argv[2]); "
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m); m.setup_logging(sys.argv[1], 0)"
+    )
+    logging_py = HERE.parents[1] / "vissl_vit" / "utils" / "logging.py"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "w"), str(logging_py)], check=True)
+    assert "MULTI_PROCESSING_METHOD in " in (tmp_path / "w" / "log.txt").read_text()

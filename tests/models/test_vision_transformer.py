@@ -212,7 +212,7 @@ def test_registry_lookup_lists_known_names():
     assert {"mlp", "vision_transformer_head", "eval_mlp"} <= set(HEADS.names())
     with pytest.raises(
         ConfigError,
-        match=r"Unknown trunk 'vision_transfomer'.*Did you mean 'vision_transformer'.*Known trunk names: vision_transformer",
+        match=r"Unknown trunk 'vision_transfomer'.*Did you mean 'vision_transformer'.*Known trunk names: convit, vision_transformer",
     ):
         TRUNKS.get("vision_transfomer")
 

@@ -109,6 +109,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         ConfigError: a malformed argument, an unknown config file, an unknown key or a value of the
             wrong type, with the source, the key and the closest real key in the message.
     """
+    log_notes([])  # a config that fails to compose leaves no notes of an earlier one for the next run
     defaults = load_yaml(defaults_path())
     t = Translation(problems=[], notes=[])
     parsed = _parse_arguments(list(overrides), t.problems)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from vissl_vit.config.validate import _is_torch_loss
+from vissl_vit.utils.logging import keep_for_run_log
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +246,13 @@ def _leaves_to_overrides(node: dict, path: tuple[str, ...], defaults: dict) -> l
 
 
 def log_notes(notes: list[str]) -> None:
-    """One log line per translated key, each once per run."""
-    for line in dict.fromkeys(notes):
+    """One log line per translated key, each once per run: on the console now, and in the run's
+    log.txt once the engine opens it (the run folder is not known while the config is composed).
+    Replaces the lines an earlier compose kept; an empty list only forgets them."""
+    lines = list(dict.fromkeys(notes))
+    for line in lines:
         logger.warning("%s", line)
+    keep_for_run_log(logger.name, lines, logging.WARNING)
 
 
 def classify(defaults: dict[str, Any], key: str) -> str:

@@ -11,9 +11,46 @@ from typing import Any
 LOGGER_NAME = "vissl_vit"
 _FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
 
+# Lines logged before the run folder is known (compose_config's notes on VISSL keys) wait here for
+# the next setup_logging, which writes them to log.txt. They are kept in the environment, not in a
+# module variable: spawned workers start a fresh interpreter and get the config as YAML text only,
+# and the environment is what they inherit from the launcher that composed the config.
+KEPT_LINES_ENV = "VISSL_VIT_KEPT_LOG_LINES"
+
+
+def keep_for_run_log(logger_name: str, lines: list[str], level: int = logging.WARNING) -> None:
+    """Have the next ``setup_logging`` write ``lines`` to log.txt, replacing any lines kept before.
+
+    The lines are expected to have been logged to the console already; an empty list forgets them.
+
+    Args:
+        logger_name: the logger they were logged with (shown in log.txt as every line's is).
+        lines: the messages.
+        level: their level.
+    """
+    if lines:
+        os.environ[KEPT_LINES_ENV] = json.dumps({"name": logger_name, "level": level, "lines": list(lines)})
+    else:
+        os.environ.pop(KEPT_LINES_ENV, None)
+
+
+def _take_kept_lines() -> list[logging.LogRecord]:
+    """The kept lines as log records, forgotten here (each reaches one run's log.txt once)."""
+    text = os.environ.pop(KEPT_LINES_ENV, None)
+    if not text:
+        return []
+    kept = json.loads(text)
+    log = logging.getLogger(kept["name"])
+    return [log.makeRecord(kept["name"], kept["level"], "", 0, "%s", (line,), None) for line in kept["lines"]]
+
 
 def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
-    """Console logging on every rank (rank-prefixed beyond 0); log.txt on rank 0 only (appended)."""
+    """Console logging on every rank (rank-prefixed beyond 0); log.txt on rank 0 only (appended).
+
+    This run's part of log.txt starts with the lines kept by ``keep_for_run_log`` (the config's notes),
+    which the console showed when they were logged.
+    """
+    kept = _take_kept_lines()
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -29,6 +66,8 @@ def setup_logging(run_dir: str | None, rank: int) -> logging.Logger:
         fh = logging.FileHandler(os.path.join(run_dir, "log.txt"), mode="a")
         fh.setFormatter(logging.Formatter(_FORMAT))
         logger.addHandler(fh)
+        for record in kept:
+            fh.handle(record)
     return logger
 
 

@@ -20,9 +20,14 @@ class VisionTransformerHead(nn.Module):
     in_plane: input width (the trunk's HIDDEN_DIM).
     num_classes: number of classes.
     hidden_dim: width of the Tanh pre-logits layer, or None for a single linear layer.
+    weight_init: the classifier's weights: "zeros" (ViT, big_vision, timm), or "suo" (SimplEsT-ViT:
+        scaled uniform orthogonal as its code runs it on torch's (out, in) layout, gain
+        sqrt(in_plane / num_classes)); its bias is 0 either way.
     """
 
-    def __init__(self, in_plane: int, num_classes: int, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, in_plane: int, num_classes: int, hidden_dim: int | None = None, weight_init: str = "zeros"
+    ) -> None:
         super().__init__()
         layers: list[tuple[str, nn.Module]] = []
         width = in_plane
@@ -34,7 +39,14 @@ class VisionTransformerHead(nn.Module):
         if hidden_dim:
             nn.init.trunc_normal_(self.layers.pre_logits.weight, std=(1.0 / in_plane) ** 0.5)  # lecun normal
             nn.init.zeros_(self.layers.pre_logits.bias)
-        nn.init.zeros_(self.layers.head.weight)
+        if weight_init not in ("zeros", "suo"):
+            raise ValueError(f"vision_transformer_head weight_init='{weight_init}': expected zeros or suo")
+        if weight_init == "suo":
+            from vissl_vit.models.layers.tat import scaled_uniform_orthogonal_
+
+            scaled_uniform_orthogonal_(self.layers.head.weight, dks_torch_layout=True)
+        else:
+            nn.init.zeros_(self.layers.head.weight)
         nn.init.zeros_(self.layers.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

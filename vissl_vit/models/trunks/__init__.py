@@ -1,3 +1,3 @@
 """Trunks, registered by name in TRUNKS."""
 
-from vissl_vit.models.trunks import vision_transformer  # noqa: F401  (registration)
+from vissl_vit.models.trunks import convit, vision_transformer  # noqa: F401  (registration)

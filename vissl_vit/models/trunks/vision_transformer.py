@@ -17,7 +17,6 @@ selects timm's, as the trunk's default output ``lastFCNORM``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -27,8 +26,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vissl_vit.errors import ConfigError
-from vissl_vit.models.layers import Block, PatchEmbed, resample_pos_embed, sincos_2d_pos_embed
-from vissl_vit.models.layers.block import LayerNorm6
+from vissl_vit.models.layers import (
+    NORM_KINDS,
+    Block,
+    ESPABlock,
+    PatchEmbed,
+    RescaleBlock,
+    build_norm_layer,
+    resample_pos_embed,
+    sincos_2d_pos_embed,
+    tat_leaky_relu_slope,
+)
 from vissl_vit.models.layers.init import apply_weight_init
 from vissl_vit.models.trunks.base import Trunk
 from vissl_vit.registry import TRUNKS
@@ -64,16 +72,8 @@ def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
 
 
 BLOCKS = ("prenorm", "rescale", "espa")
-NORMS = ("layernorm", "batchnorm", "groupnorm", "none")
+NORMS = NORM_KINDS
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU}
-
-
-def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
-    if kind == "layernorm":
-        return LayerNorm6
-    from vissl_vit.models.layers.norms import build_norm_layer
-
-    return build_norm_layer(kind)
 
 
 @TRUNKS.register("vision_transformer")
@@ -163,7 +163,15 @@ class VisionTransformer(Trunk):
     ) -> None:
         super().__init__()
         problems = _option_problems(
-            classifier, fc_norm, use_class_token, pos_embed_type, norm_layer, act_layer, block, weight_init
+            classifier,
+            fc_norm,
+            use_class_token,
+            pos_embed_type,
+            norm_layer,
+            act_layer,
+            block,
+            weight_init,
+            drop_path_rate,
         )
         if problems:
             raise ValueError(problems[0])
@@ -182,18 +190,18 @@ class VisionTransformer(Trunk):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim)) if use_class_token else None
         pos_tokens = num_patches + (0 if no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, hidden_dim))
-        self.pos_drop = nn.Dropout(dropout_rate)
+        # SimplEsT-ViT drops out the last block's tokens before pooling, not the embeddings
+        self.pos_drop = nn.Dropout(0.0 if block == "espa" else dropout_rate)
+        self.final_drop = nn.Dropout(dropout_rate) if block == "espa" else nn.Identity()
         if drop_path_uniform:
             rates = [drop_path_rate] * num_layers
         else:
             rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        norm = _norm_layer(norm_layer)
+        norm = build_norm_layer(norm_layer)
         act = ACTIVATIONS[act_layer]
         common = dict(qkv_bias=qkv_bias, qk_scale=qk_scale, dropout=dropout_rate, attn_drop=attention_dropout_rate)
         blocks: list[nn.Module] = []
         if block == "espa":  # TAT's slope depends on the depth only: solve it once
-            from vissl_vit.models.layers.tat import tat_leaky_relu_slope
-
             slope = tat_leaky_relu_slope(num_layers, tat_eta)
         for i, r in enumerate(rates):
             if block == "prenorm":
@@ -202,15 +210,11 @@ class VisionTransformer(Trunk):
                     norm_layer=norm, act_layer=act, checkpoint_mlp=checkpoint_mlp,
                 )  # fmt: skip
             elif block == "rescale":
-                from vissl_vit.models.layers.norms import RescaleBlock
-
                 blk = RescaleBlock(
                     hidden_dim, num_heads, mlp_dim, layer_index=i + 1, depth=num_layers, **common,
                     drop_path=r, act_layer=act,
                 )  # fmt: skip
             else:
-                from vissl_vit.models.layers.espa import ESPABlock
-
                 blk = ESPABlock(
                     hidden_dim, num_heads, mlp_dim, layer_index=i + 1, depth=num_layers, num_tokens=num_patches,
                     gamma_max_depth=espa_gamma_max_depth, c_val_0_target=tat_eta, negative_slope=slope,
@@ -289,15 +293,13 @@ class VisionTransformer(Trunk):
             raise ConfigError(f"{prefix}.HIDDEN_DIM={vit.HIDDEN_DIM} must be a multiple of NUM_HEADS={vit.NUM_HEADS}.")
         problems = _option_problems(
             vit.CLASSIFIER, vit.FC_NORM, vit.USE_CLASS_TOKEN, vit.POS_EMBED, vit.NORM_LAYER, vit.ACT_LAYER,
-            vit.BLOCK, vit.WEIGHT_INIT, prefix,
+            vit.BLOCK, vit.WEIGHT_INIT, vit.DROP_PATH_RATE, prefix,
         )  # fmt: skip
         if problems:
             raise ConfigError(problems[0])
         if vit.POS_EMBED == "sincos" and vit.HIDDEN_DIM % 4:
             raise ConfigError(f"{prefix}.POS_EMBED='sincos' needs HIDDEN_DIM divisible by 4, got {vit.HIDDEN_DIM}.")
         if vit.BLOCK == "espa":
-            from vissl_vit.models.layers.espa import tat_leaky_relu_slope
-
             try:
                 tat_leaky_relu_slope(int(vit.NUM_LAYERS), float(vit.TAT_ETA))
             except ValueError as e:
@@ -442,6 +444,8 @@ class VisionTransformer(Trunk):
             else:
                 x, a = blk(x, return_attention=last and want_map)
                 attn = a if last else attn
+            if last:
+                x = self.final_drop(x)
             if i >= depth - keep:
                 outs.append(x)
         feats = []
@@ -482,6 +486,7 @@ def _option_problems(
     act_layer: str,
     block: str,
     weight_init: str,
+    drop_path_rate: float,
     prefix: str = "",
 ) -> list[str]:
     """What is wrong with a combination of the trunk's options, each as one sentence naming the key
@@ -514,6 +519,7 @@ def _option_problems(
         bare("NORM_LAYER", "norm_layer"),
         name("BLOCK", "block"),
     )
+    dp = bare("DROP_PATH_RATE", "drop_path_rate")
     if fc_norm and classifier != "gap":
         out.append(f"{fc}=True (timm's order of average pooling) needs {cl}='gap'.")
     if fc_norm and norm_layer != "layernorm":
@@ -522,6 +528,8 @@ def _option_problems(
         out.append(f"{name('CLASSIFIER', 'classifier')}='token' needs {ct}=True; use {cl}='gap' without it.")
     if block in ("rescale", "espa") and norm_layer != "none":
         out.append(f"{bl}='{block}' has no normalisation layers: set {nl}='none' (got '{norm_layer}').")
+    if block == "espa" and drop_path_rate:
+        out.append(f"{bl}='espa' has no residual branches to drop: set {dp}=0 (got {drop_path_rate}).")
     if block == "espa" and use_class_token:
         out.append(f"{bl}='espa' attends over the patch grid only: set {ct}=False and {cl}='gap'.")
     return out
