@@ -322,3 +322,13 @@ def test_registered_trunk_builds_from_composed_config_and_loads_timm_weights(tmp
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], ref(x), rtol=1e-5, atol=1e-5)
+    # ... and converts back: tools/convert_weights.py --to timm gives a file timm's ConVit loads strictly
+    from vissl_vit.models.convert import main as convert_main
+    from vissl_vit.models.convert import to_vissl_vit
+
+    torch.save(to_vissl_vit(model.state_dict()), tmp_path / "ours.torch")
+    assert convert_main(["--to", "timm", str(tmp_path / "ours.torch"), str(tmp_path / "back.pth")]) == 0
+    back = cls.timm_reference(cfg.MODEL.TRUNK, num_classes=4).eval()
+    back.load_state_dict(torch.load(tmp_path / "back.pth"), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref(x), rtol=1e-6, atol=1e-6)

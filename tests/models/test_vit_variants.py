@@ -27,21 +27,29 @@ VARIANTS = {  # overlay under configs/config/test/overlays -> what its trunk mus
 }
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "rescalevit_gn"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "rescalevit_gn", "convit"])
 def test_variant_trains_two_iterations_from_its_test_config(variant, tmp_path):
     from vissl_vit.engine.train_engine import run_train_engine
+    from vissl_vit.models.trunks.convit import ConViT
 
     overlay = "rescalevit_bn" if variant == "rescalevit_gn" else variant
     extra = ["config.MODEL.TRUNK.VISION_TRANSFORMERS.NORM_LAYER=groupnorm"] if variant == "rescalevit_gn" else []
+    base = (
+        ["config=test/quick_convit"]
+        if variant == "convit"
+        else ["config=test/quick_vit", f"+config/test/overlays={overlay}"]
+    )
     run = tmp_path / "run"
     cfg_root = compose_config(
-        ["config=test/quick_vit", f"+config/test/overlays={overlay}", *extra]
+        [*base, *extra]
         + ["config.DATA.SYNTHETIC.NUM_IMAGES=32", "config.OPTIMIZER.num_epochs=1", "config.TEST_MODEL=False"]
-        + [f"config.CHECKPOINT.DIR={run}"]
+        + ["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16", f"config.CHECKPOINT.DIR={run}"]
     )
     trunk = build_model(cfg_root.config).trunk
     if variant == "rescalevit_gn":
         assert isinstance(trunk.blocks[0].norm1, TokenGroupNorm)
+    elif variant == "convit":
+        assert isinstance(trunk, ConViT)
     else:
         assert VARIANTS[variant](trunk)
     torch.manual_seed(0)
