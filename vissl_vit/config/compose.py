@@ -34,7 +34,7 @@ from vissl_vit.config.vissl_compat import Translation, log_notes, top_level_keys
 from vissl_vit.errors import ConfigError, closest
 
 USAGE = (
-    "Each argument is one of: config=<path under configs/config/, no .yaml>, "
+    "Each argument is one of: config=<path under configs/config/, no .yaml, or a path to a .yaml file>, "
     "+config/<group>=<name> (an overlay), or config.KEY.SUBKEY=value."
 )
 
@@ -73,6 +73,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:
         return {}
+    if isinstance(data, dict) and isinstance(data.get("derived"), dict) and "config" in data:
+        # a run folder's train_config.yaml: the composed config, and what was derived from it (which
+        # is derived again, not read back), so that config=<run>/train_config.yaml reruns that run
+        data = {k: v for k, v in data.items() if k != "derived"}
     if not isinstance(data, dict) or set(data) - {"config"} - top_level_keys():
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(
@@ -87,6 +91,9 @@ def _resolve_config_file(name: str, what: str) -> Path:
     path = configs_dir() / f"{rel}.yaml"
     if path.is_file():
         return path
+    own = Path(name).expanduser()  # a file of the user's own, anywhere (VISSL's configs are looked up first)
+    if what == "config" and own.suffix in (".yaml", ".yml") and own.is_file():
+        return own.resolve()
     known = list_configs()
     near = closest(rel, known, n=5)
     if not near:  # fall back to configs in the same folder, or sharing the file name

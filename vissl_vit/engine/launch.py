@@ -58,9 +58,13 @@ logger = logging.getLogger(__name__)
 USAGE = """usage: python tools/run_distributed_engines.py config=<path> [config.KEY=value ...] [+config/<group>=<name> ...]
 
   config=<path>           a config under configs/config/, without .yaml
-                          (e.g. config=quickstart/vit_fashion_mnist)
+                          (e.g. config=quickstart/vit_fashion_mnist), or a path to your own .yaml
+                          file (e.g. config=./my_run.yaml, or a run folder's train_config.yaml
+                          to rerun that run)
   config.KEY.SUBKEY=v     override one key of defaults.yaml (e.g. config.OPTIMIZER.num_epochs=1)
   +config/<group>=<name>  add the overlay configs/config/<group>/<name>.yaml
+  --print-config          print the composed config and the values derived from it; run nothing
+  --list-configs          list the configs under configs/config/
 """
 
 
@@ -524,8 +528,32 @@ def main(argv: list[str] | None = None, early_signals: list[int] | None = None) 
         argv: the arguments (default: sys.argv[1:]).
         early_signals: stop signals the calling script recorded while it imported this module.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list-configs" in argv:
+        from vissl_vit.config import list_configs
+
+        print("\n".join(list_configs()))
+        return 0
+    if "--print-config" in argv:
+        args = [a for a in argv if a != "--print-config"]
+        return cli_main(lambda a: print(describe_config(compose_config(a))), args, USAGE)
     run = lambda args: launch(compose_config(args), early_signals or ())  # noqa: E731
-    return cli_main(run, sys.argv[1:] if argv is None else argv, USAGE)
+    return cli_main(run, argv, USAGE)
+
+
+def describe_config(cfg_root: DictConfig) -> str:
+    """The composed config as YAML, followed by the values derived from it (world size, global batch,
+    iterations, the auto-scaled LR schedule) when the training set can be read, as the run would log
+    them: what ``--print-config`` prints, without starting anything."""
+    text = OmegaConf.to_yaml(cfg_root)
+    cfg = cfg_root.config
+    if cfg.ENGINE_NAME != "train" or not len(cfg.DATA.TRAIN.DATA_SOURCES):
+        return text
+    from vissl_vit.config.derive import derive_run_values
+    from vissl_vit.data.build import build_dataset
+
+    derived = derive_run_values(cfg, len(build_dataset(cfg, "TRAIN")))
+    return text + OmegaConf.to_yaml({"derived": derived.as_dict()})
 
 
 if __name__ == "__main__":
