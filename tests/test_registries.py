@@ -15,6 +15,7 @@ from vissl_vit.registry import COLLATORS, HEADS, LOSSES, TRUNKS
 
 TRUNK_KWARGS = {
     "vision_transformer": dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32),
+    "convit": dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, n_gpsa_layers=1),
 }
 HEAD_KWARGS = {
     "mlp": dict(dims=[16, 8, 4], use_bn=True, use_relu=True),
@@ -93,3 +94,50 @@ def test_collator_stacks_samples(name):
         batch = collate([sample(i, [image(i), image(-i, 2)]) for i in range(n)])
         assert [d.shape for d in batch["data"]] == [(n, 3, 4, 4), (n, 3, 2, 2)]
         assert batch["data"][1][n - 1, 0, 0, 0] == -(n - 1) and batch["label"].tolist() == list(range(n))
+
+
+# --------------------------------------------------------------------------------------------------
+# the Registry type itself: fvcore's three call forms (fvcore/common/registry.py's docstring)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_register_keeps_fvcores_call_forms():
+    from vissl_vit.registry import Registry
+
+    reg = Registry("widget")
+
+    @reg.register()
+    class Plain: ...
+
+    @reg.register("named")
+    class Renamed: ...
+
+    class Direct: ...
+
+    assert reg.register(Direct) is Direct  # the call form registers at once and returns the object
+    assert reg.names() == ["Direct", "Plain", "named"]
+    assert reg.get("Plain") is Plain and reg.get("named") is Renamed and reg.get("Direct") is Direct
+
+
+def test_duplicate_name_raises_naming_both_objects():
+    from vissl_vit.registry import Registry
+
+    reg = Registry("widget")
+
+    @reg.register("w")
+    class First: ...
+
+    class Second: ...
+
+    with pytest.raises(ValueError, match=r"'w'.*test_registries\.test_\w+\.<locals>\.First.*<locals>\.Second"):
+        reg.register("w")(Second)
+    reg.register("w")(First)  # the same object again (a module imported twice) is no conflict
+    assert reg.get("w") is First
+
+
+def test_failed_lookup_lists_the_known_names():
+    from vissl_vit.errors import ConfigError
+    from vissl_vit.registry import HOOKS
+
+    with pytest.raises(ConfigError, match=r"Unknown hook 'log_hok'.*Known hook names:.*checkpoint_hook.*log_hook"):
+        HOOKS.get("log_hok")

@@ -17,6 +17,10 @@ from fvcore.common.registry import Registry as _FvcoreRegistry
 from vissl_vit.errors import ConfigError, did_you_mean
 
 
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
 class Registry(_FvcoreRegistry):
     """fvcore's Registry with a lookup error that lists the known names."""
 
@@ -29,8 +33,30 @@ class Registry(_FvcoreRegistry):
             )
         return ret
 
-    def register(self, name: str | None = None) -> Any:  # type: ignore[override]
-        """Decorator registering a class or function under ``name`` (default: its own name)."""
+    def _do_register(self, name: str, obj: Any) -> None:
+        """Add ``obj`` under ``name``; a name taken by another object is an error naming both."""
+        old = self._obj_map.get(name)
+        if old is not None and old is not obj:
+            raise ValueError(
+                f"Two {self._name}s are registered as '{name}': {_qualname(old)} and {_qualname(obj)}. "
+                f'Rename one of them (register("another_name")).'
+            )
+        self._obj_map[name] = obj
+
+    def register(self, obj_or_name: Any = None) -> Any:  # type: ignore[override]
+        """Register a class or function, in fvcore's three call forms.
+
+        ``@REG.register()`` registers under the object's ``__name__``; ``@REG.register("name")``
+        under ``name``; ``REG.register(obj)`` registers ``obj`` at once (and returns it). The
+        same object registered twice under one name (a module imported twice) is kept once.
+
+        Args:
+            obj_or_name: None or a name (decorator forms), or the object to register.
+        """
+        if obj_or_name is not None and not isinstance(obj_or_name, str):
+            self._do_register(obj_or_name.__name__, obj_or_name)
+            return obj_or_name
+        name = obj_or_name
 
         def deco(obj: Any) -> Any:
             self._do_register(name or obj.__name__, obj)

@@ -50,6 +50,6 @@ def test_build_optimizer_kinds():
     ).config
     opt = build_optimizer(cfg, build_model(cfg))
     assert type(opt).__name__ == "SGD" and opt.param_groups[0]["nesterov"] is True
-    cfg = compose_config(["config=test/quick_vit", "config.OPTIMIZER.name=adam"]).config
-    with pytest.raises(ConfigError, match="Unknown optimizer 'adam'.*Did you mean 'adamw'"):
+    cfg = compose_config(["config=test/quick_vit", "config.OPTIMIZER.name=adan"]).config
+    with pytest.raises(ConfigError, match="Unknown optimizer 'adan'.*Did you mean 'adam'"):
         build_optimizer(cfg, build_model(cfg))

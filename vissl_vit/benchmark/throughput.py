@@ -174,7 +174,7 @@ def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: i
     from vissl_vit.engine.trainer import Trainer
     from vissl_vit.losses import build_loss
     from vissl_vit.models import build_model
-    from vissl_vit.optim import build_lr_scheduler, build_optimizer
+    from vissl_vit.optim import build_lr_scheduler, build_optimizer, build_wd_scheduler
     from vissl_vit.utils.tensors import to_device
 
     cfg = cfg_root.config
@@ -194,6 +194,7 @@ def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: i
         device,
         accumulation=derived.grad_accumulation_steps,
         amp_dtype=amp_dtype(cfg, device),
+        wd_scheduler=build_wd_scheduler(derived),
     )
     # the hooks every step runs (NaN guard, logging) are part of what the engine costs
     trainer.register_hooks([NanLossHook(), LogHook(cfg.LOG_FREQUENCY, None, None, 1, lambda t: t)])

@@ -17,14 +17,6 @@ from vissl_vit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# The keys of each schedule type, as fvcore's constructors name them (milestones in epochs).
-SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
-    "constant": ("value",),
-    "linear": ("start_value", "end_value"),
-    "cosine": ("start_value", "end_value"),
-    "multistep": ("values", "milestones"),
-    "composite": ("schedulers", "lengths", "interval_scaling"),
-}
 _VALUE_KEYS = ("value", "values", "start_value", "end_value")  # the lr values of a spec
 
 
@@ -41,23 +33,29 @@ class DerivedValues:
     num_epochs: int
     lr_scale_factor: float
     lr_schedule: dict[str, Any]
+    # OPTIMIZER.param_schedulers.weight_decay (not auto-scaled): the decayed groups' weight decay
+    weight_decay_schedule: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def schedule_spec(sched: dict[str, Any], where: str) -> dict[str, Any]:
-    """Keep the keys of one schedule that its type uses (recursively for composite)."""
+    """Keep the keys of one schedule that its type uses (recursively for composite).
+
+    The types and their keys are those registered in ``vissl_vit.optim.schedulers`` (one declaration).
+    """
+    from vissl_vit.optim.schedulers import schedule_keys  # optim.build imports this module
+
+    types = schedule_keys()
     name = sched.get("name")
-    if name not in SCHEDULE_KEYS:
-        raise ConfigError(f"{where}.name='{name}': expected one of {', '.join(SCHEDULE_KEYS)}.")
-    extra = set(sched) - set(SCHEDULE_KEYS[name]) - {"name"}
+    if name not in types:
+        raise ConfigError(f"{where}.name='{name}': expected one of {', '.join(types)}.")
+    extra = set(sched) - set(types[name]) - {"name"}
     if where.endswith("]") and extra:  # composite entries are free-form dicts: catch typos there
-        raise ConfigError(
-            f"{where}: unknown keys {sorted(extra)} for a {name} schedule; it takes {SCHEDULE_KEYS[name]}."
-        )
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)} for a {name} schedule; it takes {types[name]}.")
     spec: dict[str, Any] = {"name": name}
-    for key in SCHEDULE_KEYS[name]:
+    for key in types[name]:
         if key not in sched:
             raise ConfigError(f"{where}: a {name} schedule needs '{key}'.")
         spec[key] = sched[key]
@@ -202,6 +200,22 @@ def check_schedule_epochs(spec: dict[str, Any], num_epochs: int, where: str) -> 
         check_schedule_epochs(sub, num_epochs, f"{where}.schedulers[{i}]")
 
 
+def weight_decay_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The weight-decay schedule's spec: ``OPTIMIZER.param_schedulers.weight_decay``, or a constant
+    ``OPTIMIZER.weight_decay`` when its name is ``none`` (the default: weight decay as before).
+
+    Args:
+        cfg: the ``config`` node.
+    """
+    where = "config.OPTIMIZER.param_schedulers.weight_decay"
+    sched = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.weight_decay, resolve=True)
+    if sched["name"] == "none":
+        return {"name": "constant", "value": cfg.OPTIMIZER.weight_decay}
+    spec = schedule_spec(sched, where)
+    check_schedule_epochs(spec, cfg.OPTIMIZER.num_epochs, where)
+    return spec
+
+
 def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues:
     """Compute world size, global batch, iterations and the (auto-scaled) LR schedule, and log them.
 
@@ -215,7 +229,16 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     if accum < 1:
         raise ConfigError(f"config.OPTIMIZER.grad_accumulation_steps={accum} must be at least 1.")
     global_batch = per_replica * world * accum  # images per optimizer step
-    if cfg.DATA.TRAIN.DROP_LAST:
+    repeats = cfg.DATA.TRAIN.REPEATED_AUGMENTATIONS
+    if repeats > 1:  # DeiT's RASampler keeps floor(N // 256 * 256 / W) samples per rank, not N / W
+        from vissl_vit.data.sampler import RepeatedAugmentationSampler
+
+        per_rank = RepeatedAugmentationSampler.samples_per_replica(train_dataset_size, world, repeats)
+        if cfg.DATA.TRAIN.DROP_LAST:
+            iters = per_rank // (per_replica * accum)
+        else:
+            iters = math.ceil(math.ceil(per_rank / per_replica) / accum)
+    elif cfg.DATA.TRAIN.DROP_LAST:
         iters = train_dataset_size // global_batch
     else:
         iters = math.ceil(math.ceil(math.ceil(train_dataset_size / world) / per_replica) / accum)
@@ -232,6 +255,7 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     auto = lr_cfg["auto_lr_scaling"]
     factor = lr_scale_factor(cfg)
     spec, notes = auto_scaled_schedule(spec, cfg, "config.OPTIMIZER.param_schedulers.lr")
+    wd_spec = weight_decay_spec(cfg)
     derived = DerivedValues(
         world_size=world,
         global_batch_size=global_batch,
@@ -242,6 +266,7 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
         num_epochs=cfg.OPTIMIZER.num_epochs,
         lr_scale_factor=factor,
         lr_schedule=spec,
+        weight_decay_schedule=wd_spec,
     )
     logger.info(
         "Derived: world size %d, global batch %d (%d per replica), %d training images, %d iterations/epoch, "
@@ -267,4 +292,5 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
         for note in notes:
             logger.info("Auto LR scaling: %s", note)
     logger.info("LR schedule: %s", spec)
+    logger.info("Weight-decay schedule (groups with weight decay): %s", wd_spec)
     return derived

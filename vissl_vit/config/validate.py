@@ -247,18 +247,26 @@ def check_cross_keys(cfg: DictConfig) -> None:
             "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.scaling_type="
             f"'{sched.auto_lr_scaling.scaling_type}': expected linear or sqrt."
         )
-    if sched.name == "composite":
-        n = len(sched.schedulers)
-        if n == 0 or len(sched.lengths) != n or len(sched.interval_scaling) not in (0, n):
+    wd_sched = cfg.OPTIMIZER.param_schedulers.weight_decay
+    if wd_sched.name != "none" and wd_sched.update_interval != sched.update_interval:
+        raise ConfigError(
+            f"config.OPTIMIZER.param_schedulers.weight_decay.update_interval='{wd_sched.update_interval}' differs "
+            f"from param_schedulers.lr.update_interval='{sched.update_interval}': one clock moves both; set them equal."
+        )
+    for kind, node in (("lr", sched), ("weight_decay", wd_sched)):
+        if node.name != "composite":
+            continue
+        where = f"config.OPTIMIZER.param_schedulers.{kind}"
+        n = len(node.schedulers)
+        if n == 0 or len(node.lengths) != n or len(node.interval_scaling) not in (0, n):
             raise ConfigError(
-                "config.OPTIMIZER.param_schedulers.lr: a composite schedule needs schedulers, and lengths "
-                f"(and interval_scaling) with one entry each; got {n} schedulers, {len(sched.lengths)} lengths, "
-                f"{len(sched.interval_scaling)} interval_scaling."
+                f"{where}: a composite schedule needs schedulers, and lengths "
+                f"(and interval_scaling) with one entry each; got {n} schedulers, {len(node.lengths)} lengths, "
+                f"{len(node.interval_scaling)} interval_scaling."
             )
-        if not math.isclose(sum(sched.lengths), 1.0, abs_tol=1e-3):
+        if not math.isclose(sum(node.lengths), 1.0, abs_tol=1e-3):
             raise ConfigError(
-                f"config.OPTIMIZER.param_schedulers.lr.lengths={list(sched.lengths)} add up to "
-                f"{sum(sched.lengths):g}; they must add up to 1."
+                f"{where}.lengths={list(node.lengths)} add up to {sum(node.lengths):g}; they must add up to 1."
             )
     _check_ssl_losses(cfg)
     from vissl_vit.data.collators.cutmixup import check_cutmixup_params  # a multi-crop batch needs ssl_method
@@ -491,7 +499,8 @@ def _check_lr(key: str, value: Any, note: str = "") -> None:
 
 
 def _check_lr_values(cfg: DictConfig) -> None:
-    """Every value of the lr schedule, as written and after auto LR scaling."""
+    """Every value of the lr schedule, as written and after auto LR scaling, and of the weight-decay
+    schedule."""
     from omegaconf import OmegaConf
 
     from vissl_vit.config.derive import auto_scaled_schedule, lr_scale_factor, schedule_spec, schedule_values
@@ -505,6 +514,13 @@ def _check_lr_values(cfg: DictConfig) -> None:
         note = f" after auto_lr_scaling (x {factor:g})"
         for key, value in schedule_values(auto_scaled_schedule(spec, cfg, where)[0], where):
             _check_lr(key, value, note)
+    if cfg.OPTIMIZER.param_schedulers.weight_decay.name != "none":  # weight decay: finite and >= 0
+        where = "config.OPTIMIZER.param_schedulers.weight_decay"
+        spec = schedule_spec(OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.weight_decay, resolve=True), where)
+        for key, value in schedule_values(spec, where):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}={value!r}: a weight decay is a finite number >= 0 (0 for none).")
 
 
 def check_run_folder(path: str, key: str) -> None:
@@ -564,7 +580,7 @@ def check_model_fits_memory(cfg: DictConfig, memory: int | None = None) -> None:
     training = cfg.ENGINE_NAME == "train" and not cfg.TEST_ONLY
     if training:
         o = cfg.OPTIMIZER
-        state = 2 if o.name == "adamw" else int(o.momentum != 0)
+        state = 2 if o.name in ("adamw", "adam", "lamb") else int(o.momentum != 0)
         copies += 1 + state  # gradients, optimizer state
     need = 4 * n * copies
     if need > memory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import multiprocessing.context
 import os
@@ -16,11 +17,13 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.data.dataset import VisslDataset, effective_label_type
 from vissl_vit.data.datasets.synthetic import SyntheticSource
-from vissl_vit.data.sampler import ResumableDistributedSampler
+from vissl_vit.data.sampler import IndexSampler, build_sampler
 from vissl_vit.data.transforms import build_transforms
 from vissl_vit.engine.run_lock import close_inherited_locks
 from vissl_vit.errors import ConfigError
 from vissl_vit.registry import COLLATORS, DATASETS
+
+logger = logging.getLogger(__name__)
 
 
 def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
@@ -117,6 +120,58 @@ def _loader_context(workers: int) -> multiprocessing.context.BaseContext | None:
     return _ShieldedForkContext()
 
 
+def _build_sampler(
+    cfg: DictConfig,
+    split: str,
+    dataset_len: int,
+    rank: int,
+    world_size: int,
+    step_batch: int,
+    for_extraction: bool,
+) -> IndexSampler:
+    """The split's sampler: DeiT's repeated augmentation when ``DATA.TRAIN.REPEATED_AUGMENTATIONS``
+    is above 1 (training only), otherwise the resumable distributed sampler.
+
+    Args:
+        cfg: the ``config`` node.
+        split: "TRAIN" or "TEST".
+        dataset_len: number of samples of the split.
+        rank: this process's rank.
+        world_size: number of processes.
+        step_batch: per-replica samples of one optimizer step (skipped and dropped whole).
+        for_extraction: every image once in data set order (never repeated).
+    """
+    d = cfg.DATA[split]
+    kwargs: dict[str, Any] = {
+        "dataset_len": dataset_len,
+        "num_replicas": world_size,
+        "rank": rank,
+        "batch_size": step_batch,
+        "shuffle": split == "TRAIN" and not for_extraction,
+        "seed": cfg.SEED_VALUE,
+        "drop_last": d.DROP_LAST and not for_extraction,
+    }
+    if split != "TRAIN" or for_extraction:
+        return build_sampler("distributed", **kwargs)
+    repeats = cfg.DATA.TRAIN.REPEATED_AUGMENTATIONS
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 0:
+        raise ConfigError(
+            f"config.DATA.TRAIN.REPEATED_AUGMENTATIONS={repeats!r} must be an integer >= 0: 0 or 1 for none, "
+            "3 for DeiT's repeated augmentation."
+        )
+    if repeats <= 1:
+        return build_sampler("distributed", **kwargs)
+    if world_size < repeats and rank == 0:
+        logger.warning(
+            "config.DATA.TRAIN.REPEATED_AUGMENTATIONS=%d with %d process(es): some copies of an image share a "
+            "process (DeiT puts them on %d different GPUs)",
+            repeats,
+            world_size,
+            repeats,
+        )
+    return build_sampler("repeated_augmentation", num_repeats=repeats, **kwargs)
+
+
 def build_dataloader(
     cfg: DictConfig,
     split: str,
@@ -126,7 +181,7 @@ def build_dataloader(
     device: torch.device,
     for_extraction: bool = False,
 ) -> DataLoader:
-    """The loader of one split; its sampler is ``loader.sampler`` (set_epoch / set_start_iteration).
+    """The loader of one split; its sampler is ``loader.sampler`` (an IndexSampler: set_epoch / set_start_iteration).
 
     Args:
         cfg: the ``config`` node.
@@ -141,15 +196,7 @@ def build_dataloader(
     d = cfg.DATA[split]
     # the sampler skips and drops whole optimizer steps: accumulation x micro-batch
     step_batch = d.BATCHSIZE_PER_REPLICA * (cfg.OPTIMIZER.grad_accumulation_steps if split == "TRAIN" else 1)
-    sampler = ResumableDistributedSampler(
-        len(dataset),
-        world_size,
-        rank,
-        step_batch,
-        shuffle=split == "TRAIN" and not for_extraction,
-        seed=cfg.SEED_VALUE,
-        drop_last=d.DROP_LAST and not for_extraction,
-    )
+    sampler = _build_sampler(cfg, split, len(dataset), rank, world_size, step_batch, for_extraction)
     collate: Any = COLLATORS.get("default_collate" if for_extraction else d.COLLATE_FUNCTION)
     params = OmegaConf.to_container(d.COLLATE_FUNCTION_PARAMS, resolve=True)
     if params and not for_extraction:

@@ -21,13 +21,18 @@ logger = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentations: a function of (seed, epoch, index) only, so that a
-    resumed run, any number of workers, and any world size draw the same augmentations.
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
+    """The seed of one sample's augmentations: a function of (seed, epoch, index, copy) only, so that
+    a resumed run, any number of workers, and any world size draw the same augmentations.
 
-    A splitmix64 finaliser over a mix of the three: cheap enough for the sampler's hot loop.
+    A splitmix64 finaliser over a mix of the four: cheap enough for the sampler's hot loop.
+    ``copy`` numbers the repeats of one image within an epoch (repeated augmentation): each copy
+    gets its own crops. Copy 0 adds nothing to the mix, so the seeds of a sampler without
+    repeats are those of (seed, epoch, index) alone, as before the argument existed.
     """
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index * 0x8CB92BA72F3D8DD7) & _MASK64
+    x = (
+        seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index * 0x8CB92BA72F3D8DD7 + copy * 0xA24BAED4963EE407
+    ) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (x ^ (x >> 31)) >> 1
@@ -60,7 +65,7 @@ def effective_label_type(label_type: str, label_sources: list[str], where: str) 
 class VisslDataset(Dataset):
     """Concatenated sources with transforms, returning ``{"data", "label", "index", "seed", "bad", "bad_path"}``.
 
-    Indices are ``(index, seed)`` pairs from :class:`~vissl_vit.data.sampler.ResumableDistributedSampler`:
+    Indices are ``(index, seed)`` pairs from a sampler of :mod:`vissl_vit.data.sampler`:
     the transforms run under RNGs seeded with ``seed`` (the caller's RNG states are restored
     afterwards). An image that fails to load is replaced by the next readable one, and the sample is
     marked ``bad=1`` with the failed path, so the trainer can count failures and stop past a limit.

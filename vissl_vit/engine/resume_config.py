@@ -38,6 +38,10 @@ STATE_SHAPING = (
     "OPTIMIZER.regularize_bn",
     "OPTIMIZER.regularize_bias",
     "OPTIMIZER.non_regularized_parameters",
+    "OPTIMIZER.regularize_1d_params",
+    "OPTIMIZER.param_group_constructor",
+    "OPTIMIZER.layer_wise_lr_decay.decay",
+    "OPTIMIZER.param_group_overrides",
 )
 # ... except these trunk keys, which change how the model runs, not what it holds
 STATE_NEUTRAL = ("MODEL.TRUNK.*_RATE", "MODEL.TRUNK.*.CHECKPOINT_*")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.optim.schedulers import progress
+from vissl_vit.utils.distributed import get_world_size
 from vissl_vit.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,29 @@ def plain_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def resume_iteration(state: dict[str, Any], iterations_per_epoch: int) -> int:
+    """The iteration to resume at: the same one, or the same point of the same epoch when the
+    steps per epoch changed (another world size, batch size or accumulation)."""
+    old_ipe = state["iterations_per_epoch"]
+    if old_ipe == iterations_per_epoch:
+        return state["iteration"]
+    epoch, within = divmod(state["iteration"], old_ipe)
+    new = epoch * iterations_per_epoch + (within * iterations_per_epoch) // old_ipe
+    logger.warning(
+        "The checkpoint was written with %d iterations per epoch (world size %d), this run has %d (world size %d): "
+        "resuming at iteration %d (epoch %d, %d%% through it) instead of %d.",
+        old_ipe,
+        state["world_size"],
+        iterations_per_epoch,
+        get_world_size(),
+        new,
+        epoch,
+        100 * within // old_ipe,
+        state["iteration"],
+    )
+    return new
+
+
 class Trainer:
     """Runs ``max_iterations`` optimizer steps over ``train_loader``, calling hooks in order.
 
@@ -71,6 +96,8 @@ class Trainer:
         grad_clip: (max_norm, norm_type), or None for no clipping.
         accumulation: micro-batches per optimizer step.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), or None for full precision.
+        wd_scheduler: fvcore schedule of the weight decay, a function of progress (set every step
+            in each group with a ``wd_scale``, times it); None leaves the groups' weight decay as built.
     """
 
     def __init__(
@@ -87,9 +114,11 @@ class Trainer:
         grad_clip: tuple[float, float] | None = None,
         accumulation: int = 1,
         amp_dtype: torch.dtype | None = None,
+        wd_scheduler: ParamScheduler | None = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.lr_scheduler, self.train_loader = lr_scheduler, train_loader
+        self.wd_scheduler = wd_scheduler
         self.iterations_per_epoch, self.max_iterations = iterations_per_epoch, max_iterations
         self.update_interval, self.device, self.grad_clip = update_interval, device, grad_clip
         self.accumulation, self.amp_dtype = accumulation, amp_dtype
@@ -105,9 +134,41 @@ class Trainer:
         return self.iteration // self.iterations_per_epoch
 
     def register_hooks(self, hooks: list[HookBase]) -> None:
+        """Append hooks, called in list order; each gets ``hook.trainer``, a weak proxy of this trainer.
+
+        The trainer owns its hooks, the hooks only borrow the trainer (detectron2's
+        ``weakref.proxy(self)``): no reference cycle keeps a finished trainer, its model and its
+        loader alive after the caller drops it; a hook used after that raises ReferenceError.
+        """
         for h in hooks:
-            h.trainer = self
+            h.trainer = weakref.proxy(self)
         self.hooks.extend(hooks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own state, as checkpoints store it at their top level: the grad scaler,
+        the position (iteration, epoch, phase_idx, and the steps per epoch and world size it was
+        counted with), and each hook's state under its class name. Model, optimizer, loss and RNG
+        states are the checkpoint hook's to gather (they take collectives)."""
+        hooks = {type(h).__name__: h.state_dict() for h in self.hooks}
+        return {
+            "grad_scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "phase_idx": self.phase_idx,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "world_size": get_world_size(),
+            "hooks": {name: s for name, s in hooks.items() if s},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (after the hooks are registered). A checkpoint counted with
+        another number of steps per epoch resumes at the same point of the same epoch."""
+        self.scaler.load_state_dict(state["grad_scaler"])
+        self.iteration = resume_iteration(state, self.iterations_per_epoch)
+        self.phase_idx = state["phase_idx"]
+        for h in self.hooks:
+            if type(h).__name__ in state["hooks"]:
+                h.load_state_dict(state["hooks"][type(h).__name__])
 
     def _call(self, name: str) -> None:
         for h in self.hooks:
@@ -163,6 +224,13 @@ class Trainer:
         where = progress(self.iteration, self.iterations_per_epoch, self.max_iterations, self.update_interval)
         return float(self.lr_scheduler(where))
 
+    def current_weight_decay(self) -> float | None:
+        """The scheduled weight decay of the decayed groups now, None without a schedule."""
+        if self.wd_scheduler is None:
+            return None
+        where = progress(self.iteration, self.iterations_per_epoch, self.max_iterations, self.update_interval)
+        return float(self.wd_scheduler(where))
+
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch (DDP's no_sync; FSDP's
         requires_gradient_sync)."""
@@ -179,9 +247,13 @@ class Trainer:
     def run_step(self, micro: list[dict[str, Any]]) -> None:
         """One optimizer step over micro-batches: lr -> (forward -> loss -> backward) x N -> clip ->
         guards (before_optimizer_step) -> step."""
-        lr = self.current_lr()
+        lr, wd = self.current_lr(), self.current_weight_decay()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            # each group's factor (layer decay, overrides: optim/param_groups.py); a plain torch
+            # optimizer (toy tests) has none
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if wd is not None and group.get("wd_scale") is not None:  # None: a fixed weight decay
+                group["weight_decay"] = wd * group["wd_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         done, total, images = [], torch.zeros((), device=self.device), 0
         for i, batch in enumerate(micro):

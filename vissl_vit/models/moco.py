@@ -44,6 +44,9 @@ class MoCoModel(TrunkHeadModel):
         shuffle_bn: shuffle the key batch across processes (v2's shuffle-BN) when several run.
     """
 
+    # the hooks the trainer must run for this model (engine/hooks/build.py): the EMA after each step
+    trainer_hooks: tuple[str, ...] = ("momentum_encoder_hook",)
+
     def __init__(
         self,
         base: TrunkHeadModel,

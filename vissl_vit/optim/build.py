@@ -1,17 +1,34 @@
-"""build_optimizer and build_lr_scheduler: OPTIMIZER.* -> torch optimizer and fvcore schedule."""
+"""build_optimizer and the schedules: OPTIMIZER.* -> torch optimizer and fvcore schedules.
+
+An optimizer is a registered function ``fn(groups, lr=..., **kwargs) -> torch.optim.Optimizer``.
+Its keyword arguments come from two places: VISSL's flat keys (``OPTIMIZER.momentum``,
+``nesterov``, ``betas``, ``eps``), passed to the optimizers whose signature names them, and its own
+section ``OPTIMIZER.<name>`` (as ``LOSS.<name>``) for everything else, checked against the
+signature. Weight decay is never a keyword: each parameter group carries its own.
+"""
 
 from __future__ import annotations
 
+import inspect
+from typing import TYPE_CHECKING
+
 import torch
 from fvcore.common.param_scheduler import ParamScheduler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vissl_vit.config.derive import DerivedValues
 from vissl_vit.errors import ConfigError
 from vissl_vit.optim.param_groups import get_param_groups
 from vissl_vit.optim.schedulers import build_param_scheduler
 from vissl_vit.registry import OPTIMIZERS
+from vissl_vit.utils.kwargs import call_with_kwargs
+
+if TYPE_CHECKING:  # config.derive imports optim.schedulers: no import cycle at run time
+    from vissl_vit.config.derive import DerivedValues
+
+# VISSL's flat OPTIMIZER keys; each optimizer receives those its signature names
+FLAT_KEYS = ("momentum", "nesterov", "betas", "eps")
+PARAM_GROUP_CONSTRUCTORS = ("default", "lr_decay")  # VISSL's names (its dino / linear_eval_heads are not here)
 
 
 def _fused(groups: list[dict]) -> bool:
@@ -19,38 +36,143 @@ def _fused(groups: list[dict]) -> bool:
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(groups: list[dict], lr: float, momentum: float, nesterov: bool, **_: object) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=_fused(groups) or None)
+def sgd(
+    groups: list[dict], lr: float, momentum: float, nesterov: bool, dampening: float = 0.0
+) -> torch.optim.Optimizer:
+    """torch's SGD (fused on CUDA); weight decay is coupled L2, from each group."""
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=momentum, nesterov=nesterov, dampening=dampening, fused=_fused(groups) or None
+    )
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(groups: list[dict], lr: float, betas: list[float], eps: float, **_: object) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=_fused(groups) or None)
+def adamw(
+    groups: list[dict], lr: float, betas: list[float], eps: float, amsgrad: bool = False
+) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on CUDA): decoupled weight decay ``θ ← θ − lr·wd·θ``."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, amsgrad=amsgrad, fused=_fused(groups) or None)
+
+
+@OPTIMIZERS.register("adam")
+def adam(groups: list[dict], lr: float, betas: list[float], eps: float, amsgrad: bool = False) -> torch.optim.Optimizer:
+    """torch's Adam (fused on CUDA) with coupled L2 weight decay: ``g ← g + wd·θ`` before the moments,
+    as SimplEsT-ViT trains (``train.py::build_optimizer``, RECIPES.md 6.5); VISSL's ``adam`` is the same."""
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, amsgrad=amsgrad, fused=_fused(groups) or None)
+
+
+@OPTIMIZERS.register("lamb")
+def lamb(
+    groups: list[dict],
+    lr: float,
+    betas: list[float],
+    eps: float,
+    max_grad_norm: float | None = 1.0,
+    bias_correction: bool = True,
+    grad_averaging: bool = True,
+    trust_clip: bool = False,
+    always_adapt: bool = False,
+) -> torch.optim.Optimizer:
+    """timm's ``Lamb`` (``timm/optim/lamb.py``), the port of apex's FusedLAMB that DeiT-III trains with.
+
+    What it does (timm 1.0): before anything, all gradients are divided by
+    ``max(1, ‖g‖₂ / max_grad_norm)``, ``‖g‖₂`` the norm over every group (a global clip inside the
+    optimizer, on even when ``MODEL.GRAD_CLIP`` is off; None disables it); then bias-corrected
+    Adam moments (``grad_averaging``: ``m ← β1·m + (1 − β1)·g``), ``u = m̂ / (√v̂ + eps) + wd·θ``,
+    and the trust ratio ``‖θ‖ / ‖u‖`` (1 when either is 0) only for groups whose weight decay is
+    not 0 (``always_adapt=False``): exempt groups (biases, norms, LayerScale, tokens) take plain
+    Adam steps. ``θ ← θ − lr·ratio·u``. ``trust_clip`` caps the ratio at 1 (LAMBC).
+
+    Args:
+        groups: parameter groups, each with its weight decay.
+        lr: initial learning rate (the schedule sets it every step).
+        betas: (β1, β2).
+        eps: added to √v̂ (DeiT-III: 1e-8; timm's default is 1e-6).
+        max_grad_norm: the global gradient norm clip inside the optimizer; None for none.
+        bias_correction: Adam's bias correction of the moments.
+        grad_averaging: scale the gradient by (1 − β1) in the first moment.
+        trust_clip: clip the trust ratio at 1.
+        always_adapt: apply the trust ratio to groups without weight decay too.
+    """
+    from timm.optim import Lamb
+
+    return Lamb(
+        groups,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        max_grad_norm=max_grad_norm,
+        bias_correction=bias_correction,
+        grad_averaging=grad_averaging,
+        trust_clip=trust_clip,
+        always_adapt=always_adapt,
+    )
+
+
+def optimizer_kwargs(o: DictConfig) -> dict:
+    """The keyword arguments of ``OPTIMIZER.name``'s function: the flat VISSL keys its signature
+    names, then its section ``OPTIMIZER.<name>`` (a key in both places is an error)."""
+    name = o.name
+    fn = OPTIMIZERS.get(name)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: OmegaConf.to_object(o[k]) if OmegaConf.is_config(o[k]) else o[k] for k in FLAT_KEYS if k in params}
+    # a registered optimizer without a section in defaults.yaml runs with its own defaults
+    section = OmegaConf.to_container(o[name], resolve=True) if name in o else {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config.OPTIMIZER.{name}={section!r}: expected a mapping of {name}'s keyword arguments.")
+    twice = sorted(set(section) & set(FLAT_KEYS))
+    if twice:
+        raise ConfigError(
+            f"config.OPTIMIZER.{name}.{twice[0]}: set it as config.OPTIMIZER.{twice[0]} (VISSL's flat key), not in "
+            "the optimizer's section."
+        )
+    return {**kwargs, **section}
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``OPTIMIZER.name`` over the model's parameter groups.
 
-    The learning rate is set by the schedule at every step; the initial value here is its start.
+    The learning rate and the weight decay are set by the schedules at every step (times each
+    group's ``lr_scale`` / ``wd_scale``); the values here are their start.
 
     Args:
         cfg: the ``config`` node.
         model: the model (on its device already, for fused kernels).
     """
     o = cfg.OPTIMIZER
+    if o.param_group_constructor not in PARAM_GROUP_CONSTRUCTORS:
+        raise ConfigError(
+            f"config.OPTIMIZER.param_group_constructor='{o.param_group_constructor}': expected one of "
+            f"{', '.join(PARAM_GROUP_CONSTRUCTORS)} (layer-wise LR decay is lr_decay)."
+        )
+    decay = o.layer_wise_lr_decay.decay
+    if o.param_group_constructor == "lr_decay" and not 0 < decay <= 1:
+        raise ConfigError(f"config.OPTIMIZER.layer_wise_lr_decay.decay={decay}: expected a factor in (0, 1].")
     groups = get_param_groups(
-        model, o.weight_decay, o.regularize_bn, o.regularize_bias, list(o.non_regularized_parameters)
+        model,
+        o.weight_decay,
+        o.regularize_bn,
+        o.regularize_bias,
+        list(o.non_regularized_parameters),
+        regularize_1d_params=o.regularize_1d_params,
+        layer_decay=decay if o.param_group_constructor == "lr_decay" else None,
+        overrides=OmegaConf.to_container(o.param_group_overrides, resolve=True),
     )
     if not any(g["params"] for g in groups):
         if not cfg.TEST_ONLY:
             raise ConfigError("The model has no trainable parameter (all frozen): nothing to train.")
         # TEST_ONLY of a frozen model: the trainer still holds an optimizer; it never steps
-        groups = [{"params": [nn.Parameter(torch.zeros(1))], "weight_decay": 0.0}]
-    return OPTIMIZERS.get(o.name)(
-        groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov, betas=list(o.betas), eps=o.eps
+        groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr_scale": 1.0, "weight_decay": 0.0, "wd_scale": 0.0}]
+    return call_with_kwargs(
+        OPTIMIZERS.get(o.name), {"lr": 0.0, **optimizer_kwargs(o)}, f"config.OPTIMIZER.{o.name}", groups
     )
 
 
 def build_lr_scheduler(derived: DerivedValues) -> ParamScheduler:
     """The learning-rate schedule (already auto-scaled in ``derived``)."""
     return build_param_scheduler(derived.lr_schedule, derived.num_epochs)
+
+
+def build_wd_scheduler(derived: DerivedValues) -> ParamScheduler:
+    """The weight-decay schedule of ``OPTIMIZER.param_schedulers.weight_decay`` (constant
+    ``OPTIMIZER.weight_decay`` by default): the decayed groups' weight decay at progress ``where``."""
+    return build_param_scheduler(derived.weight_decay_schedule, derived.num_epochs)

@@ -1,7 +1,12 @@
-"""Parameter schedules from fvcore, built from the specs of config.derive.schedule_spec."""
+"""Parameter schedules from fvcore, built from the specs of config.derive.schedule_spec.
+
+The registrations below are the one declaration of the schedule types: :func:`schedule_keys` reads
+each type's keys from its constructor, and config.derive and config.validate ask it.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from fvcore.common.param_scheduler import (
@@ -29,6 +34,15 @@ def _composite(schedulers: list[dict], lengths: list[float], interval_scaling: l
     return CompositeParamScheduler(
         [build_param_scheduler(s, num_epochs) for s in schedulers], list(lengths), list(interval_scaling)
     )
+
+
+def schedule_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each schedule type takes in YAML (``{"cosine": ("start_value", "end_value"), ...}``):
+    its constructor's arguments but ``num_epochs``, which the engine passes."""
+    return {
+        name: tuple(p for p in inspect.signature(SCHEDULERS.get(name)).parameters if p != "num_epochs")
+        for name in SCHEDULERS.names()
+    }
 
 
 def build_param_scheduler(spec: dict[str, Any], num_epochs: int) -> ParamScheduler:

@@ -2,6 +2,7 @@
 
 from vissl_vit.engine.hooks.algorithms import FreezeParamsHook, MomentumEncoderHook, NormalizePrototypesHook
 from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.engine.hooks.build import HookContext, build_hooks, model_hook_names
 from vissl_vit.engine.hooks.checkpoint_hook import (
     CheckpointHook,
     Preempted,
@@ -22,11 +23,14 @@ __all__ = [
     "PreemptionHook",
     "CheckpointHook",
     "HookBase",
+    "HookContext",
     "LogHook",
     "NanLossHook",
     "ProgressBarHook",
     "TestHook",
     "TrainMeterHook",
+    "build_hooks",
+    "model_hook_names",
     "restore_trainer",
     "trainer_state",
 ]

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 class HookBase:
     """Called by the Trainer around training, epochs and steps.
 
-    ``self.trainer`` is set when the hook is registered. A hook with state that must survive a
+    ``self.trainer`` is set when the hook is registered: a weak proxy (the trainer owns its hooks,
+    not the reverse). Hooks are built by name from the HOOKS registry (``build_hooks``). A hook with state that must survive a
     resume returns it from ``state_dict`` (saved in checkpoints under "hooks"/<class name>).
     """
 

@@ -59,51 +59,29 @@ def trainer_state(trainer: Any, config_yaml: str = "") -> dict[str, Any]:
     """
     model_sd, optim_sd = get_state_dict(unwrap(trainer.model), trainer.optimizer, options=_FULL)
     loss_sd = _cpu(trainer.loss_fn.state_dict())
+    own = trainer.state_dict()  # grad scaler, position, hooks (Trainer.state_dict)
     state = {
         "classy_state_dict": {
             "base_model": {"model": group_model_state(model_sd), "meta": {}},
             "optimizer": optim_sd,
             "loss": loss_sd,
-            "train_phase_idx": trainer.epoch,
-            "iteration": trainer.iteration,
+            "train_phase_idx": own["epoch"],
+            "iteration": own["iteration"],
         },
-        "grad_scaler": trainer.scaler.state_dict(),
-        "iteration": trainer.iteration,
-        "epoch": trainer.epoch,
-        "phase_idx": trainer.phase_idx,
-        "iterations_per_epoch": trainer.iterations_per_epoch,
-        "world_size": get_world_size(),
+        "grad_scaler": own["grad_scaler"],
+        "iteration": own["iteration"],
+        "epoch": own["epoch"],
+        "phase_idx": own["phase_idx"],
+        "iterations_per_epoch": own["iterations_per_epoch"],
+        "world_size": own["world_size"],
         "rng_per_rank": all_gather_object(_cpu(rng_state())),
         "config_yaml": config_yaml,
-        "hooks": {type(h).__name__: h.state_dict() for h in trainer.hooks if h.state_dict()},
+        "hooks": own["hooks"],
         "version": VERSION,
     }
     if getattr(trainer.loss_fn, "state_is_per_rank", False):
         state["loss_per_rank"] = all_gather_object(loss_sd)
     return state
-
-
-def _resume_iteration(state: dict[str, Any], iterations_per_epoch: int) -> int:
-    """The iteration to resume at: the same one, or the same point of the same epoch when the
-    steps per epoch changed (another world size, batch size or accumulation)."""
-    old_ipe = state["iterations_per_epoch"]
-    if old_ipe == iterations_per_epoch:
-        return state["iteration"]
-    epoch, within = divmod(state["iteration"], old_ipe)
-    new = epoch * iterations_per_epoch + (within * iterations_per_epoch) // old_ipe
-    logger.warning(
-        "The checkpoint was written with %d iterations per epoch (world size %d), this run has %d (world size %d): "
-        "resuming at iteration %d (epoch %d, %d%% through it) instead of %d.",
-        old_ipe,
-        state["world_size"],
-        iterations_per_epoch,
-        get_world_size(),
-        new,
-        epoch,
-        100 * within // old_ipe,
-        state["iteration"],
-    )
-    return new
 
 
 def check_model_fits(model: Any, model_sd: dict[str, Any]) -> None:
@@ -165,12 +143,7 @@ def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
         if name not in saved:
             trainer.optimizer.state.pop(param, None)
     trainer.loss_fn.load_state_dict(_loss_state(trainer.loss_fn, state))
-    trainer.scaler.load_state_dict(state["grad_scaler"])
-    trainer.iteration = _resume_iteration(state, trainer.iterations_per_epoch)
-    trainer.phase_idx = state["phase_idx"]
-    for h in trainer.hooks:
-        if type(h).__name__ in state["hooks"]:
-            h.load_state_dict(state["hooks"][type(h).__name__])
+    trainer.load_state_dict(state)  # grad scaler, position, hooks
     if state["world_size"] == get_world_size():  # another world size draws other streams anyway
         # each rank its own streams (version 1 checkpoints saved rank 0's only)
         rngs = state["rng_per_rank"] if "rng_per_rank" in state else [state["rng"]] * state["world_size"]

@@ -34,6 +34,9 @@ class SwAVPrototypesHead(nn.Module):
     use_bias: bias in the projection MLP.
     """
 
+    # the hooks the trainer must run for this head (engine/hooks/build.py): unit prototypes after each step
+    trainer_hooks: tuple[str, ...] = ("normalize_prototypes_hook",)
+
     def __init__(self, dims: list[int], num_clusters: list[int], use_bn: bool = True, use_bias: bool = True) -> None:
         super().__init__()
         if len(dims) < 2:

@@ -1,0 +1,203 @@
+"""build_hooks: the trainer's hooks, by name from the HOOKS registry, in an order whose reasons are
+written beside each entry (detectron2's ``DefaultTrainer.build_hooks``).
+
+Three kinds of hooks, in this order of concern:
+- the engine's own (guards, meters, logs, test phases, checkpoints), switched by HOOKS.* and
+  friends;
+- a method's upkeep (MoCo's momentum encoder, SwAV's prototype normalisation), asked for by the
+  model: any module of it may list hook names in a ``trainer_hooks`` attribute, so a new method
+  brings its hook with its module, and the engine never looks at the loss's name;
+- the user's: ``HOOKS.EXTRA`` entries ``[name, {kwargs}]`` built from the registry, then hook
+  objects passed from Python (``run_train_engine(cfg_root, extra_hooks=[...])``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.engine.hooks.checkpoint_hook import unwrap
+from vissl_vit.engine.hooks.phases import PhaseWriter
+from vissl_vit.errors import ConfigError
+from vissl_vit.meters import build_meter
+from vissl_vit.registry import HOOKS
+from vissl_vit.utils.distributed import all_reduce_sum
+from vissl_vit.utils.kwargs import call_with_kwargs
+from vissl_vit.utils.logging import JsonLinesWriter
+
+
+@dataclass
+class HookContext:
+    """What the engine's hooks need besides the config: this process's place in the run, its data
+    and its writers.
+
+    Args:
+        run_dir: the run folder (checkpoints).
+        primary: whether this process is rank 0 (it writes files and shows the progress bar).
+        world_size: processes in all.
+        train_size: images in the training set (0: no training set, no bad-image count).
+        test_loader: the test loader, or None without a test phase.
+        stdout_json: the stdout.json writer, or None on ranks > 0.
+        tb: the tensorboard SummaryWriter, or None.
+        phase_writer: writes metrics.json lines (train and test phases).
+        config_yaml: the composed config, stored in every checkpoint.
+    """
+
+    run_dir: str
+    primary: bool
+    world_size: int
+    train_size: int
+    test_loader: DataLoader | None
+    stdout_json: JsonLinesWriter | None
+    tb: Any
+    phase_writer: PhaseWriter
+    config_yaml: str
+
+
+def model_hook_names(model: nn.Module) -> list[str]:
+    """The hook names the model's modules ask for (``trainer_hooks``), each once, in module order."""
+    names: list[str] = []
+    for m in unwrap(model).modules():
+        for name in getattr(m, "trainer_hooks", ()):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _hook(name: str, where: str, **kwargs: Any) -> HookBase:
+    """``HOOKS.get(name)(**kwargs)``; an unknown name or a wrong keyword is a ConfigError naming ``where``."""
+    try:
+        cls = HOOKS.get(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return call_with_kwargs(cls, kwargs, f"{where} '{name}'")
+
+
+def _config_hooks(cfg: DictConfig) -> list[HookBase]:
+    """HOOKS.EXTRA: ``[[name, {kwargs}], ...]`` (kwargs may be left out), each built from the registry."""
+    hooks = []
+    for i, entry in enumerate(OmegaConf.to_container(cfg.HOOKS.EXTRA, resolve=True)):
+        where = f"config.HOOKS.EXTRA[{i}]"
+        if isinstance(entry, str):
+            entry = [entry]
+        if not (isinstance(entry, list) and 1 <= len(entry) <= 2 and isinstance(entry[0], str)):
+            raise ConfigError(f"{where}: expected [hook_name, {{kwargs}}] or [hook_name], got {entry!r}.")
+        kwargs = entry[1] if len(entry) == 2 else {}
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"{where}: the kwargs of hook '{entry[0]}' must be a mapping, got {kwargs!r}.")
+        hooks.append(_hook(entry[0], where, **kwargs))
+    return hooks
+
+
+def build_hooks(
+    cfg: DictConfig, ctx: HookContext, model: nn.Module, extra_hooks: Sequence[HookBase] = ()
+) -> list[HookBase]:
+    """The trainer's hooks in the order they are called (each event calls them in list order).
+
+    Args:
+        cfg: the ``config`` node.
+        ctx: the run's place, data and writers.
+        model: the model as trained (possibly wrapped): its modules' ``trainer_hooks`` are added.
+        extra_hooks: hook objects from Python, called after those of HOOKS.EXTRA.
+    """
+    hooks: list[HookBase] = []
+    # 1. Guards first: a step they reject (NaN before the optimizer step, too many unreadable
+    #    images after it) stops the run before any later hook meters, logs or saves that step.
+    if cfg.HOOKS.CHECK_NAN:
+        hooks.append(_hook("nan_loss_hook", "config.HOOKS.CHECK_NAN", all_reduce=all_reduce_sum))
+    if ctx.train_size:
+        hooks.append(
+            _hook(
+                "bad_image_hook",
+                "config.DATA.MAX_BAD_IMAGE_FRACTION",
+                dataset_len=ctx.train_size,
+                max_fraction=cfg.DATA.MAX_BAD_IMAGE_FRACTION,
+                all_reduce=all_reduce_sum,
+            )
+        )
+    # 2. Frozen parameters act in after_backward, on this step's gradients, before clipping.
+    if cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP:
+        iter_map = OmegaConf.to_container(cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP)
+        hooks.append(_hook("freeze_params_hook", "config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP", iter_map=iter_map))
+    # 3. The method's upkeep right after the step (momentum encoder, unit prototypes), before any
+    #    hook below reads the model (test phase) or saves it (checkpoint).
+    for name in model_hook_names(model):
+        # VISSL's switch, kept for its configs: normalize_last_layer=False leaves SwAV's prototypes free
+        if name == "normalize_prototypes_hook" and not cfg.LOSS.swav_loss.normalize_last_layer:
+            continue
+        hooks.append(_hook(name, f"the model's trainer_hooks ({type(unwrap(model)).__name__})"))
+    # 4. The train meter before the test phase: the epoch's train line precedes its test line in
+    #    metrics.json (phase_idx counts in that order); then the per-step log and progress bar.
+    hooks.append(
+        _hook(
+            "train_meter_hook",
+            "config.METERS",
+            meter=build_meter(cfg),
+            writer=ctx.phase_writer,
+            all_reduce=all_reduce_sum,
+        )
+    )
+    hooks.append(
+        _hook(
+            "log_hook",
+            "config.LOG_FREQUENCY",
+            log_frequency=cfg.LOG_FREQUENCY,
+            stdout_json=ctx.stdout_json,
+            tb_writer=ctx.tb,
+            world_size=ctx.world_size,
+            all_reduce=all_reduce_sum,
+        )
+    )
+    if ctx.primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR:
+        hooks.append(_hook("progress_bar_hook", "config.HOOKS.PROGRESS_BAR", log_frequency=cfg.LOG_FREQUENCY))
+    # 5. The test phase after the epoch's train phase, before the checkpoint, which then records
+    #    the phase count with the test line included (a resume does not write it twice).
+    if ctx.test_loader is not None:
+        hooks.append(
+            _hook(
+                "test_hook",
+                "config.TEST_MODEL",
+                loader=ctx.test_loader,
+                meter=build_meter(cfg),
+                writer=ctx.phase_writer,
+                every_n_epochs=cfg.TEST_EVERY_NUM_EPOCH,
+                num_epochs=cfg.OPTIMIZER.num_epochs,
+                all_reduce=all_reduce_sum,
+                max_bad_fraction=cfg.DATA.MAX_BAD_IMAGE_FRACTION,
+            )
+        )
+    # 6. The user's hooks (config, then Python) see an accepted step, the upkept model and the
+    #    epoch's phases; they run before the checkpoint, so their state_dict is saved with the step.
+    hooks += _config_hooks(cfg)
+    hooks += list(extra_hooks)
+    # 7. The checkpoint last among the step hooks: it records everything above for this step.
+    c = cfg.CHECKPOINT
+    checkpoint = _hook(
+        "checkpoint_hook",
+        "config.CHECKPOINT",
+        folder=ctx.run_dir,
+        epoch_frequency=c.CHECKPOINT_FREQUENCY,
+        iter_frequency=c.CHECKPOINT_ITER_FREQUENCY,
+        keep_last=c.KEEP_LAST,
+        is_primary=ctx.primary,
+        config_yaml=ctx.config_yaml,
+    )
+    hooks.append(checkpoint)
+    # 8. Preemption after the regular checkpoint: it writes its own and raises, which must not cut
+    #    any other hook's after_step short.
+    hooks.append(
+        _hook(
+            "preemption_hook",
+            "preemption",
+            checkpoint_hook=checkpoint,
+            all_reduce=all_reduce_sum,
+            world_size=ctx.world_size,
+        )
+    )
+    return hooks
