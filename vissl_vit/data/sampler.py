@@ -61,7 +61,26 @@ def epoch_order(dataset_len: int, shuffle: bool, seed: int, epoch: int) -> list[
     return torch.randperm(dataset_len, generator=g).tolist()
 
 
-class ResumableDistributedSampler(Sampler[tuple[int, int]]):
+class _ResumableSampler(Sampler[tuple[int, int]]):
+    """What both samplers share: the epoch, and skipping this rank's first k batches on resume.
+    Subclasses set ``num_samples`` (this rank's samples per epoch) and ``batch_size``."""
+
+    num_samples: int
+    batch_size: int
+    epoch: int = 0
+    start_iteration: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start_iteration(self, iteration: int) -> None:
+        self.start_iteration = iteration
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start_iteration * self.batch_size, 0)
+
+
+class ResumableDistributedSampler(_ResumableSampler):
     """Yields ``(index, sample_seed)`` for this rank's share of an epoch.
 
     The epoch's order is :func:`epoch_order`; rank r takes every world-th index of it from r.
@@ -97,15 +116,6 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         else:
             self.num_samples = math.ceil(dataset_len / num_replicas)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start_iteration(self, iteration: int) -> None:
-        self.start_iteration = iteration
-
-    def __len__(self) -> int:
-        return max(self.num_samples - self.start_iteration * self.batch_size, 0)
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
         total = self.num_samples * self.num_replicas
@@ -121,7 +131,7 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
 _SELECTED_ROUND = 256
 
 
-class RepeatedAugmentationSampler(Sampler[tuple[int, int]]):
+class RepeatedAugmentationSampler(_ResumableSampler):
     """DeiT's repeated augmentation (``RASampler``): each image R times per epoch, on R ranks.
 
     Follows ``deit/samplers.py::RASampler`` (facebookresearch/deit 7e160fe, with ``num_repeats``),
@@ -175,9 +185,9 @@ class RepeatedAugmentationSampler(Sampler[tuple[int, int]]):
         self.num_repeats = num_repeats
         self.epoch = 0
         self.start_iteration = 0
-        self.num_selected = self.samples_per_replica(dataset_len, num_replicas, num_repeats)
+        self.num_samples = self.samples_per_replica(dataset_len, num_replicas, num_repeats)
         if drop_last:
-            self.num_selected = (self.num_selected // batch_size) * batch_size
+            self.num_samples = (self.num_samples // batch_size) * batch_size
 
     @staticmethod
     def samples_per_replica(dataset_len: int, num_replicas: int, num_repeats: int) -> int:
@@ -195,20 +205,11 @@ class RepeatedAugmentationSampler(Sampler[tuple[int, int]]):
             selected = math.ceil(dataset_len / num_replicas)
         return min(selected, math.ceil(dataset_len * num_repeats / num_replicas))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start_iteration(self, iteration: int) -> None:
-        self.start_iteration = iteration
-
-    def __len__(self) -> int:
-        return max(self.num_selected - self.start_iteration * self.batch_size, 0)
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = epoch_order(self.dataset_len, self.shuffle, self.seed, self.epoch)
         repeats = self.num_repeats
         n = len(order) * repeats  # length of the repeated list, before padding
-        for j in range(self.start_iteration * self.batch_size, self.num_selected):
+        for j in range(self.start_iteration * self.batch_size, self.num_samples):
             p = self.rank + j * self.num_replicas  # position in the repeated, padded list
             q = p % n  # padding wraps to the start
             index = order[q // repeats]
