@@ -35,38 +35,47 @@ def _final_state(run_dir) -> dict[str, torch.Tensor]:
     return flat
 
 
-def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    run_to_end(ref)
-    expected = read_losses(ref)
-    assert sorted(expected) == list(range(1, ITERATIONS + 1))
+def _interrupt(run, n: int, target: str) -> int:
+    """Start the 2-process run, kill -9 its whole job ("group"), its launcher alone (its workers must
+    die with it) or one worker (the launcher stops the other) at iteration n; the last logged iteration."""
+    proc = start_run(run)
+    workers = []
+    if target == "launcher":
+        wait_for_iteration(run, 1, proc)
+        workers = worker_pids(proc)
+    stopped = kill_at_iteration(run, proc, n, target=target)
+    assert stopped < ITERATIONS, f"the run ended before kill -9 of the {target}"
+    assert proc.returncode == (-9 if target in ("group", "launcher") else 2)
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the workers of a killed launcher die with it (PR_SET_PDEATHSIG)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers)
+    return stopped
 
-    # three interruptions of one run, each resumed by the same command: kill -9 of the whole job
-    # (mid-epoch 2, past several checkpoints), of the launcher alone (its workers die with it), and
-    # of one worker (the launcher stops the other)
-    stopped = []
-    for n, target in ((12, "group"), (22, "launcher"), (32, "worker1")):
-        proc = start_run(run)
-        workers = []
-        if target == "launcher":
-            wait_for_iteration(run, 1, proc)
-            workers = worker_pids(proc)
-        stopped.append(kill_at_iteration(run, proc, n, target=target))
-        assert stopped[-1] < ITERATIONS, f"the run ended before kill -9 of the {target}"
-        assert proc.returncode == (-9 if target in ("group", "launcher") else 2)
-        deadline = time.monotonic() + 20
-        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the workers of a killed launcher die with it (PR_SET_PDEATHSIG)
-        assert not any(os.path.exists(f"/proc/{w}") for w in workers)
-    assert stopped == sorted(stopped)
+
+def _rerun_gives_the_same_run(ref, run) -> None:
+    """The same command runs to the end: both ranks resumed, the same losses bit for bit, the same
+    final weights and per-rank RNG streams as the uninterrupted reference."""
     proc = run_to_end(run)
     resumed = [line for line in proc.stdout.splitlines() if "Resumed at iteration" in line]
     assert len(resumed) == 2 and any(line.startswith("[rank 1]") for line in resumed)  # both ranks resumed
-    assert_same_losses(read_losses(run), expected)  # bit-for-bit: dropout and drop-path on both ranks
+    assert_same_losses(read_losses(run), read_losses(ref))  # bit-for-bit: dropout and drop-path on both ranks
     a, b = _final_state(ref), _final_state(run)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert not torch.equal(a["rng0.torch"], a["rng1.torch"])  # each rank's own streams were saved
     assert not list(run.glob(".tmp_*"))  # whatever the kill left mid-write was removed
+
+
+def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_to_end(ref)
+    assert sorted(read_losses(ref)) == list(range(1, ITERATIONS + 1))
+
+    # two interruptions of one run, each resumed by the same command: kill -9 of the whole job
+    # (mid-epoch 2, past several checkpoints), then of the launcher alone (its workers die with it)
+    stopped = [_interrupt(run, 12, "group"), _interrupt(run, 22, "launcher")]
+    assert stopped == sorted(stopped)
+    _rerun_gives_the_same_run(ref, run)
 
     # a finished run, extended with more epochs: resumes on both ranks, the change is listed
     proc = run_to_end(ref, "config.OPTIMIZER.num_epochs=6")
@@ -83,6 +92,16 @@ def test_kill_dash_nine_of_a_two_process_run_and_rerun_gives_the_same_losses(tmp
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Cannot resume" in proc.stderr and "stopped on the error above" in proc.stderr
     assert "Rerun the same command" not in proc.stderr
+
+
+@pytest.mark.long
+def test_kill_dash_nine_of_one_worker_and_rerun_gives_the_same_losses(tmp_path):
+    # the launcher stops the other worker (tests/engine/test_distributed.py checks its message);
+    # what the rerun finds is a checkpoint like the one a group kill leaves
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_to_end(ref)
+    _interrupt(run, 32, "worker1")
+    _rerun_gives_the_same_run(ref, run)
 
 
 SWAV = [

@@ -62,7 +62,10 @@ def _rerun_takes_the_lock_and_resumes(run, last: int, *extra: str) -> None:
         again.wait(timeout=30)
 
 
+# long: the lock itself is tested in-process above, kill -9 of a launcher and the resume after it in
+# tests/engine/test_resume_distributed.py, a stale lock after kill -9 in the test below
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_second_run_is_refused_while_the_first_runs_and_kill_9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     first = start_run(run, LONG, "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1")

@@ -76,7 +76,9 @@ def test_loader_workers_ignore_stop_signals_from_others_and_stop_when_their_load
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("procs", [1, 2])
+# 2 processes: long (SIGTERM of a 2-process job is also in tests/engine/test_distributed.py, and its
+# exact resume in tests/engine/test_resume_distributed.py)
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.long)])
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resumes_exactly(tmp_path, procs):
     extra = [WORKERS, *(ONE_PROCESS if procs == 1 else [])]
     ref, run = tmp_path / "ref", tmp_path / "run"

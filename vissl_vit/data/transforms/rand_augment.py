@@ -9,7 +9,9 @@ magnitude grows (timm's "Increasing" forms, DeiT's "rand-m9-mstd0.5-inc1"); othe
 VISSL's plain forms, e.g. Posterize keeping int(0.4 m) bits (3 at m=9).
 
 As in VISSL, geometric operations fill with grey (128) and resample with bilinear or bicubic
-interpolation drawn at random per application, unless ``interpolation`` names one.
+interpolation drawn at random per application, unless ``fill`` and ``interpolation`` say otherwise
+(DeiT's timm RandAugment fills with the data set's mean colour, round(255 x ImageNet mean) =
+(124, 116, 104), and resamples bicubic with ``--train-interpolation bicubic``).
 
 This name takes precedence over torchvision's RandAugment (different arguments); for
 torchvision's, use its TrivialAugmentWide or AutoAugment, or register it under another name.
@@ -46,8 +48,12 @@ def _negate(v: float) -> float:
     return -v if random.random() > 0.5 else v
 
 
-def _fill(img: Image.Image) -> int | tuple[int, ...]:
-    return _FILL if img.mode == "L" else (_FILL,) * len(img.getbands())
+def _fill(img: Image.Image, fill: tuple[int, ...]) -> int | tuple[int, ...]:
+    """The fill colour in the image's mode: one value per band (the first for a one-band image)."""
+    if img.mode == "L" or len(img.getbands()) == 1:
+        return fill[0]
+    bands = len(img.getbands())
+    return fill[:bands] if len(fill) >= bands else (fill[0],) * bands
 
 
 def _enhance(kind: Callable[[Image.Image], ImageEnhance._Enhance], increasing: bool) -> Op:
@@ -106,6 +112,8 @@ class RandAugment:
         draw from.
     translate_pct: largest translation, as a fraction of the image side (VISSL: 0.45).
     prob: probability of applying each drawn operation (VISSL fixes it at 0.5).
+    fill: the fill colour of the geometric operations: one grey level or one value per channel
+        (VISSL: 128; DeiT / timm: [124, 116, 104], round(255 x ImageNet mean)).
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class RandAugment:
         interpolation: str | int | Sequence[str | int] | None = None,
         translate_pct: float = 0.45,
         prob: float = 0.5,
+        fill: int | Sequence[int] = _FILL,
     ) -> None:
         if not 0 <= magnitude <= _MAX:
             raise ConfigError(f"RandAugment: magnitude must be in [0, 10], got {magnitude}")
@@ -128,6 +137,12 @@ class RandAugment:
         self.magnitude, self.magnitude_std = magnitude, magnitude_std
         self.num_layers, self.prob, self.translate_pct = num_layers, prob, translate_pct
         self.resample = self._resamples(interpolation)
+        values = [fill] if isinstance(fill, int) else list(fill)
+        if not values or not all(isinstance(v, int) and 0 <= v <= 255 for v in values):
+            raise ConfigError(
+                f"RandAugment: fill must be an integer 0-255 or a list of them (one per channel), got {fill!r}"
+            )
+        self.fill = tuple(values)
         self.ops = self._ops(increasing_severity)
         self.names = list(self.ops)
         self.weights = None if weight_choice is None else [_CHOICE_WEIGHTS_0[n] for n in self.names]
@@ -158,14 +173,14 @@ class RandAugment:
         """Rotate by v degrees, or an affine shear / translation by v, with grey fill."""
         resample = random.choice(self.resample) if len(self.resample) > 1 else self.resample[0]
         if kind == "rotate":
-            return img.rotate(v, resample=resample, fillcolor=_fill(img))
+            return img.rotate(v, resample=resample, fillcolor=_fill(img, self.fill))
         matrix = {
             "shear_x": (1, v, 0, 0, 1, 0),
             "shear_y": (1, 0, 0, v, 1, 0),
             "translate_x": (1, 0, v * img.size[0], 0, 1, 0),
             "translate_y": (1, 0, 0, 0, 1, v * img.size[1]),
         }[kind]
-        return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=_fill(img))
+        return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=_fill(img, self.fill))
 
     def _ops(self, increasing: bool) -> dict[str, Op]:
         t = self.translate_pct
