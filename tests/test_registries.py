@@ -40,6 +40,7 @@ LOSS_CASES = {
         lambda x: [x],
         torch.tensor([0, 1, 2, 3]),
     ),
+    "bce_logits_multiple_output_single_target": (dict(target_threshold=0.0), lambda x: [x], torch.tensor([0, 1, 2, 3])),
     "moco_loss": (dict(embedding_dim=4, queue_size=8), lambda x: [x[:2], x[2:]], None),
     "swav_loss": (dict(embedding_dim=4, num_prototypes=[5]), _swav_output, None),
     "simclr_info_nce_loss": (dict(buffer_params={"embedding_dim": 4}), lambda x: [x], None),

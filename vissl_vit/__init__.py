@@ -19,6 +19,7 @@ from vissl_vit.config import compose_config, derive_run_values
 from vissl_vit.data import build_dataloader, build_dataset
 from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
 from vissl_vit.engine.train_engine import run_train_engine
+from vissl_vit.load_run import load_run
 from vissl_vit.losses import build_loss
 from vissl_vit.meters import build_meter
 from vissl_vit.models import apply_weights_init, build_model
@@ -37,6 +38,7 @@ __all__ = [
     "build_optimizer",
     "compose_config",
     "derive_run_values",
+    "load_run",
     "run_extract_features_engine",
     "run_nearest_neighbor_engine",
     "run_train_engine",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.test_datasets import make_folder
 from vissl_vit import build_loss, build_model, build_optimizer, compose_config, derive_run_values
 from vissl_vit.config import list_configs
 from vissl_vit.optim import build_lr_scheduler
@@ -16,7 +17,10 @@ OVERLAY_DIRS = ("overlays", "models")
 # an overlay folder -> the config it is composed over in this test
 OVERLAY_BASES = {
     "test/overlays": "test/quick_vit",
+    "quickstart/overlays": "quickstart/vit_fashion_mnist",
     "pretrain/vision_transformer/supervised/models": "pretrain/vision_transformer/supervised/1gpu_vit_example",
+    "pretrain/vision_transformer/supervised/deit/models": "pretrain/vision_transformer/supervised/deit/in1k_300ep",
+    "pretrain/vision_transformer/supervised/deit3/models": "pretrain/vision_transformer/supervised/deit3/in1k_800ep",
     "pretrain/vision_transformer/moco/models": "pretrain/vision_transformer/moco/vit_s16_mocov3",
     "pretrain/vision_transformer/swav/models": "pretrain/vision_transformer/swav/deit_s16",
     "benchmark/linear_image_classification/fashion_mnist/models": (
@@ -62,9 +66,18 @@ def _build(overrides: list[str]) -> None:
         assert torch.isfinite(loss)
 
 
+# the configs whose head counts the classes of the user's folder (num_classes: auto) get one
+OWN_DATA = "own_data/"
+
+
 @pytest.mark.parametrize("name", MAIN)
-def test_config_composes_and_builds(name):
-    _build([f"config={name}", "config.MACHINE.DEVICE=cpu", ALLOW_RANDOM])
+def test_config_composes_and_builds(name, tmp_path):
+    data = []
+    if name.startswith(OWN_DATA):
+        for split in ("train", "val"):
+            make_folder(tmp_path / "imgs" / split, classes=("ant", "bee", "cat"))
+        data = [f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path / 'imgs'}]"]
+    _build([f"config={name}", "config.MACHINE.DEVICE=cpu", ALLOW_RANDOM, *data])
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

@@ -172,8 +172,8 @@ def test_refused_vissl_features_name_the_feature_without_a_suggestion(vissl_file
     with pytest.raises(ConfigError, match=r"VISSL feature LARC .* is not implemented in vissl_vit") as e:
         compose.compose_config([name, *QUICK])
     assert "Did you mean" not in str(e.value) and "x.yaml" in str(e.value)
-    with pytest.raises(ConfigError, match=r"VISSL feature the model EMA hook .*not implemented") as e:
-        compose.compose_config([name, *QUICK, "config.HOOKS.EMA_MODEL.SAVE_EMA_MODEL=True"])
+    with pytest.raises(ConfigError, match=r"VISSL feature the debugging sampler .*not implemented") as e:
+        compose.compose_config([name, *QUICK, "config.DATA.TRAIN.USE_DEBUGGING_SAMPLER=True"])
     assert "Did you mean" not in str(e.value)
 
 

@@ -183,6 +183,8 @@ def test_label_sources_win_over_sample_index(tmp_path):
         "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
         "config.DATA.TRAIN.DATASET_NAMES=[tiny]",
         f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path}]",
+        "config.TEST_MODEL=False",
+        'config.MODEL.HEAD.PARAMS=[["vision_transformer_head", {"in_plane": 32, "num_classes": "auto"}]]',  # the head's size is the folder's class count
     ]
     for label_type in ("sample_index", "zero"):
         cfg = compose_config(

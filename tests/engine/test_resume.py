@@ -38,18 +38,33 @@ RUNS = {
         "config.LOSS.swav_loss.queue.start_iter=10",
     ],
 }
+# a DeiT-like recipe (issue 13): the model EMA (updated every 2nd step, overwritten during the first
+# 5% of training, evaluated in the test phases, kept in checkpoints though SAVE_EMA_MODEL is off),
+# layer-wise LR decay, LAMB and repeated augmentation, all at once
+RUNS["deit_recipe"] = RUNS["supervised"] + [
+    "config.HOOKS.EMA_MODEL.ENABLE_EMA_METERS=True",
+    "config.HOOKS.EMA_MODEL.UPDATE_ITER=2",
+    "config.HOOKS.EMA_MODEL.DECAY=0.9",
+    "config.OPTIMIZER.param_group_constructor=lr_decay",
+    "config.OPTIMIZER.layer_wise_lr_decay.decay=0.75",
+    "config.OPTIMIZER.name=lamb",
+    "config.DATA.TRAIN.REPEATED_AUGMENTATIONS=3",
+]
+# SwAV's queue resume is covered by a faster test; this one runs outside CI (-m long)
+CASES = [pytest.param(name, marks=pytest.mark.long) if name == "swav" else name for name in RUNS]
 
 
 def _final_state(run_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of the final model (trunk, heads, momentum encoder) and loss (queues)."""
+    """Every tensor of the final model (trunk, heads, momentum encoder), loss (queues) and model EMA."""
     state = torch.load(os.path.join(run_dir, "checkpoint.torch"), map_location="cpu", weights_only=False)
     csd = state["classy_state_dict"]
     flat = {f"model.{g}.{k}": v for g, group in csd["base_model"]["model"].items() for k, v in group.items()}
     flat.update({f"loss.{k}": v for k, v in csd["loss"].items()})
+    flat.update({f"ema.{k}": v for k, v in state["hooks"].get("EmaModelHook", {}).get("ema", {}).items()})
     return flat
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", CASES)
 def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
     ARGS = RUNS[name] + LONGER
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -86,3 +101,6 @@ def test_kill_dash_nine_and_rerun_gives_the_same_losses(tmp_path, name):
     ref_state, run_state = _final_state(ref_dir), _final_state(run_dir)
     assert ref_state.keys() == run_state.keys()
     assert [k for k in ref_state if not torch.equal(ref_state[k], run_state[k])] == []
+    if name == "deit_recipe":  # the EMA is in the final checkpoint, and differs from the model
+        ema = {k.removeprefix("ema."): v for k, v in ref_state.items() if k.startswith("ema.")}
+        assert ema and not torch.equal(ema["trunk.cls_token"], ref_state["model.trunk.cls_token"])

@@ -20,6 +20,7 @@ def test_swav_prototypes_frozen_for_n_iterations_and_normalised(tmp_path):
                 "config=test/quick_swav",
                 f"config.CHECKPOINT.DIR={run}",
                 "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1",
+                "config.CHECKPOINT.KEEP_LAST=-1",  # reads model_iteration1-3 of 12
                 "config.OPTIMIZER.num_epochs=3",
             ]
         )

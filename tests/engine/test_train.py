@@ -134,6 +134,7 @@ def _folder_overrides(tmp_path, max_fraction):
         f"config.DATA.TRAIN.DATA_PATHS=[{root}]",
         "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=17",
         "config.TEST_MODEL=False",
+        'config.MODEL.HEAD.PARAMS=[["vision_transformer_head", {"in_plane": 32, "num_classes": "auto"}]]',  # 2 class folders
         f"config.DATA.MAX_BAD_IMAGE_FRACTION={max_fraction}",
     ]
 

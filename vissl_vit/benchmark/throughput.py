@@ -224,7 +224,7 @@ def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: i
         trainer.optimizer.step()
 
     for _ in range(warmup):
-        trainer._step([next_batch()])
+        trainer.step([next_batch()])
         model_only()
     ips, wait, bare = [], [], []
     for r in range(repeats):
@@ -241,7 +241,7 @@ def measure_end_to_end(cfg_root: DictConfig, steps: int, warmup: int, repeats: i
                 t = time.perf_counter()
                 batch = next_batch()
                 waiting += time.perf_counter() - t
-                trainer._step([batch])
+                trainer.step([batch])
                 images += trainer.last.batch_size
             _sync(device)
             total = time.perf_counter() - start

@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from vissl_vit.config.derive import resolve_data
 from vissl_vit.config.paths import configs_dir, defaults_path, list_configs
 from vissl_vit.config.validate import (
     check_cross_keys,
@@ -171,7 +172,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                 continue
             OmegaConf.update(cfg, k, v, merge=isinstance(v, dict))
     raise_problems(t.problems)
-    log_notes(t.notes)
+    # a user's own folders decide the split paths and the "auto" class counts; their notes are kept
+    # with the translation's, so that they reach the run's log.txt once
+    log_notes(t.notes + resolve_data(cfg.config))
     check_cross_keys(cfg.config)
     check_environment(cfg.config)
     return cfg

@@ -1,7 +1,9 @@
 """Values computed from the config at run time, in one place, and logged.
 
-Nothing here writes back into the config: the run folder's train_config.yaml records these under
-``derived`` next to the config they came from.
+Nothing here writes back into the config (the run folder's train_config.yaml records these under
+``derived`` next to the config they came from), except :func:`resolve_data`: what a user's own
+folder of images decides (its train/ and val/ folders, its number of classes for ``auto``) is
+written into the config when it is composed, so that the saved config says it.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.errors import ConfigError
@@ -294,3 +298,226 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
     logger.info("LR schedule: %s", spec)
     logger.info("Weight-decay schedule (groups with weight decay): %s", wd_spec)
     return derived
+
+
+# ---------------------------------------------------------------------------------------------------
+# A user's own folder of images: split folders, the test data that follows the training data, and
+# class counts given as "auto". Resolved once, when the config is composed.
+# ---------------------------------------------------------------------------------------------------
+
+AUTO = "auto"  # a head's (or mixup's) class count taken from the training set
+
+# the classes of the data sets torchvision_dataset reads
+_TORCHVISION_CLASSES = {"MNIST": 10, "FashionMNIST": 10, "CIFAR10": 10, "CIFAR100": 100, "STL10": 10}
+
+
+def head_classes(head: Any) -> tuple[str, Any] | None:
+    """The key and value of a head's output size (its number of classes as a classifier), or None
+    for a head without one: ``num_classes`` of vision_transformer_head, ``dims[-1]`` of mlp and
+    eval_mlp.
+
+    Args:
+        head: one ``MODEL.HEAD.PARAMS`` entry, ``[name, {kwargs}]``.
+    """
+    if len(head) != 2 or not hasattr(head[1], "keys"):
+        return None
+    kwargs = head[1]
+    if head[0] == "vision_transformer_head" and "num_classes" in kwargs:
+        return "num_classes", kwargs["num_classes"]
+    if head[0] in ("mlp", "eval_mlp") and "dims" in kwargs and len(kwargs["dims"]):
+        return "dims[-1]", kwargs["dims"][-1]
+    return None
+
+
+def class_count(cfg: DictConfig, split: str) -> tuple[int | None, str]:
+    """The number of classes of a split's data (the largest over its sources) and where it comes
+    from; (None, why) when it cannot be known before reading the data.
+
+    Args:
+        cfg: the ``config`` node.
+        split: "TRAIN" or "TEST".
+    """
+    from vissl_vit.data.datasets.disk import class_folders
+
+    d = cfg.DATA[split]
+    counts: list[tuple[int, str]] = []
+    for k, source in enumerate(d.DATA_SOURCES):
+        path = str(d.DATA_PATHS[k]) if k < len(d.DATA_PATHS) else ""
+        name = str(d.DATASET_NAMES[k]) if k < len(d.DATASET_NAMES) else ""
+        if source != "synthetic" and k >= len(d.DATA_PATHS):
+            return (
+                None,
+                f"config.DATA.{split}.DATA_PATHS has no path for source {k} (e.g. DATA_PATHS=[/path/to/images])",
+            )
+        if source == "synthetic":
+            counts.append((int(cfg.DATA.SYNTHETIC.NUM_CLASSES), "config.DATA.SYNTHETIC.NUM_CLASSES"))
+        elif source == "disk_folder":
+            if not os.path.isdir(path):
+                return None, f"config.DATA.{split}.DATA_PATHS[{k}]='{path}' is not a folder"
+            classes = class_folders(path)
+            if not classes:
+                return None, f"config.DATA.{split}.DATA_PATHS[{k}]='{path}' has no class folders (a flat folder)"
+            counts.append((len(classes), f"the class folders of '{path}'"))
+        elif source == "torchvision_dataset" and name in _TORCHVISION_CLASSES:
+            counts.append((_TORCHVISION_CLASSES[name], name))
+        elif source == "disk_filelist" and k < len(d.LABEL_PATHS) and os.path.isfile(str(d.LABEL_PATHS[k])):
+            labels = np.load(str(d.LABEL_PATHS[k]), mmap_mode="r", allow_pickle=False)
+            counts.append((int(labels.max()) + 1 if len(labels) else 0, f"the labels of '{d.LABEL_PATHS[k]}'"))
+        else:
+            return None, f"config.DATA.{split}.DATA_SOURCES[{k}]={source} has no known class count"
+    if not counts:
+        return None, f"config.DATA.{split}.DATA_SOURCES is empty"
+    return max(counts)
+
+
+def _auto_slots(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """Every place that says "auto" for a class count: (key, container, index) to assign to."""
+    slots: list[tuple[str, Any, Any]] = []
+    for i, head in enumerate(cfg.MODEL.HEAD.PARAMS):
+        found = head_classes(head)
+        if found is None or found[1] != AUTO:
+            continue
+        key = f"config.MODEL.HEAD.PARAMS[{i}] '{head[0]}' {found[0]}"
+        if found[0] == "num_classes":
+            slots.append((key, head[1], "num_classes"))
+        else:
+            slots.append((key, head[1]["dims"], len(head[1]["dims"]) - 1))
+    for split in ("TRAIN", "TEST"):
+        params = cfg.DATA[split].COLLATE_FUNCTION_PARAMS
+        if params.get("num_classes") == AUTO:
+            slots.append((f"config.DATA.{split}.COLLATE_FUNCTION_PARAMS.num_classes", params, "num_classes"))
+    return slots
+
+
+def _resolve_split_folders(cfg: DictConfig, split: str, notes: list[str]) -> None:
+    """Rule 1 of :func:`resolve_data`, for one split."""
+    from vissl_vit.data.datasets.disk import EVAL_SPLIT_NAMES, TRAIN_SPLIT_NAMES, find_split_folder, split_folders
+
+    d = cfg.DATA[split]
+    paths = list(d.DATA_PATHS)
+    for k, source in enumerate(d.DATA_SOURCES):
+        if source not in ("disk_folder", "disk_filelist") or k >= len(paths):
+            continue
+        if str(paths[k]).startswith("~"):  # DATA_PATHS=[~/images]: no shell expands a ~ inside brackets
+            paths[k] = os.path.expanduser(str(paths[k]))
+        root = str(paths[k])
+        subs = split_folders(root) if source == "disk_folder" else None
+        if subs is None:
+            continue
+        found = find_split_folder(root, split)
+        if found is None:
+            names = TRAIN_SPLIT_NAMES if split == "TRAIN" else EVAL_SPLIT_NAMES
+            raise ConfigError(
+                f"config.DATA.{split}.DATA_PATHS[{k}]='{root}' holds the split folders {subs} but none for {split} "
+                f"(looked for {', '.join(names)}): point DATA_PATHS at the folder of class folders."
+            )
+        paths[k] = found
+        notes.append(f"config.DATA.{split}.DATA_PATHS[{k}]: '{root}' holds split folders, {split} reads '{found}'")
+    if paths != list(d.DATA_PATHS):
+        d.DATA_PATHS = paths
+
+
+def _eval_folder_next_to(root: str) -> str | None:
+    """The val folder of a data set root, or next to its train folder (root/train -> root/val)."""
+    from vissl_vit.data.datasets.disk import TRAIN_SPLIT_NAMES, find_split_folder
+
+    found = find_split_folder(root, "TEST")
+    if found is None and os.path.basename(os.path.normpath(root)) in TRAIN_SPLIT_NAMES:
+        found = find_split_folder(os.path.dirname(os.path.normpath(root)), "TEST")
+    return found
+
+
+def _test_follows_train(cfg: DictConfig, train_roots: dict[int, str], notes: list[str]) -> None:
+    """Rule 2 of :func:`resolve_data`."""
+    from vissl_vit.data.datasets.disk import EVAL_SPLIT_NAMES
+
+    test, train_sources = cfg.DATA.TEST, list(cfg.DATA.TRAIN.DATA_SOURCES)
+    sources = list(test.DATA_SOURCES)
+    tested = cfg.ENGINE_NAME == "train" and cfg.TEST_MODEL
+    follow = bool(sources) and all(s == "disk_folder" for s in sources) and not len(test.DATA_PATHS)
+    synthetic = (
+        tested
+        and bool(sources)
+        and all(s == "synthetic" for s in sources)
+        and any(s != "synthetic" for s in train_sources)
+    )
+    if not (follow or synthetic):
+        return
+    n = len(sources) if follow else len(train_sources)
+    vals = [_eval_folder_next_to(train_roots[k]) if k in train_roots else None for k in range(n)]
+    if all(vals):
+        if synthetic:
+            test.DATA_SOURCES = ["disk_folder"] * n
+            test.DATASET_NAMES = list(cfg.DATA.TRAIN.DATASET_NAMES)
+        test.DATA_PATHS = vals
+        why = "is the synthetic default" if synthetic else "is empty"
+        notes.append(f"config.DATA.TEST {why}: the test phase reads the val folder(s) {vals} of DATA.TRAIN")
+        return
+    k = vals.index(None)
+    if k not in train_roots or not os.path.isdir(train_roots[k]):
+        return  # no training folder to look in (not given, or missing): reading the data says so
+    where = f"'{train_roots[k]}' has no val folder" if k in train_roots else f"source {k} is not a disk_folder"
+    looked = f"looked for {', '.join(EVAL_SPLIT_NAMES)} in it and next to a train folder"
+    if synthetic:
+        raise ConfigError(
+            f"config.DATA.TEST.DATA_SOURCES={sources} but config.DATA.TRAIN reads {train_sources} "
+            f"({where}; {looked}): a test phase on random images measures nothing. Give the test images "
+            "(config.DATA.TEST.DATA_SOURCES=[disk_folder] config.DATA.TEST.DATA_PATHS=[/path/to/val]) or set "
+            "config.TEST_MODEL=False."
+        )
+    if tested or (cfg.ENGINE_NAME != "train" and "TEST" in cfg.EXTRACT_FEATURES.SPLITS):
+        raise ConfigError(
+            f"config.DATA.TEST.DATA_PATHS is empty and config.DATA.TRAIN's {where} ({looked}): give "
+            "config.DATA.TEST.DATA_PATHS=[/path/to/val], or set config.TEST_MODEL=False to train without a test phase."
+        )
+
+
+def resolve_data(cfg: DictConfig) -> list[str]:
+    """Fill in what a user's own folders of images decide, in the config itself; return notes to log.
+
+    The one exception to "nothing here writes back into the config", applied when the config is
+    composed (before it is frozen): the run folder's train_config.yaml then holds the resolved
+    values and reruns that run unchanged, and applying it again changes nothing.
+      1. A disk_folder or disk_filelist path starting with ``~`` is expanded (the shell does not
+         expand it inside ``[...]``). A disk_folder DATA_PATHS entry that is a folder of splits (root/train, root/val, with
+         timm's names: see ``disk.split_folders``) becomes its split's folder: TRAIN reads
+         root/train (or training), TEST root/val (or valid, validation, eval, evaluation).
+      2. DATA.TEST follows DATA.TRAIN's folders. TEST DATA_SOURCES [disk_folder] with no
+         DATA_PATHS reads each TRAIN root's val folder (or the one next to a train folder given
+         directly). A TEST that is synthetic (a test config's default) while TRAIN reads real
+         images reads those val folders too in a run with a test phase, and is an error when there
+         are none: a test phase on random images would report a meaningless accuracy, silently.
+      3. "auto" as a class count (vision_transformer_head's num_classes, the last of mlp's and
+         eval_mlp's dims, cutmixup_collator's num_classes) becomes the training set's number of
+         classes (the test set's without training data): ``class_count``.
+
+    Args:
+        cfg: the ``config`` node, not yet read-only.
+
+    Raises:
+        ConfigError: a folder of splits without the split, a test phase with no test images to
+            read, an "auto" whose class count cannot be known.
+    """
+    notes: list[str] = []
+    d = cfg.DATA.TRAIN
+    train_roots = {
+        k: str(d.DATA_PATHS[k]) for k, s in enumerate(d.DATA_SOURCES) if s == "disk_folder" and k < len(d.DATA_PATHS)
+    }
+    for split in ("TRAIN", "TEST"):
+        _resolve_split_folders(cfg, split, notes)
+    _test_follows_train(cfg, train_roots, notes)
+    slots = _auto_slots(cfg)
+    if slots:
+        split = "TRAIN" if len(cfg.DATA.TRAIN.DATA_SOURCES) else "TEST"
+        n, origin = class_count(cfg, split)
+        if n is None:
+            raise ConfigError(
+                f"{slots[0][0]}=auto takes the number of classes of config.DATA.{split}, but {origin}: "
+                "give the folder, or a number instead of auto."
+            )
+        for key, container, index in slots:
+            container[index] = n
+            notes.append(f"{key}=auto: {n} classes, from {origin}")
+    for note in notes:
+        logger.info("%s", note)
+    return notes

@@ -197,7 +197,10 @@ def check_cross_keys(cfg: DictConfig) -> None:
     Args:
         cfg: the ``config`` node of a composed config.
     """
-    _check_ranges(cfg)  # first: the rules below divide by batch sizes, patch sizes and head counts
+    from vissl_vit.config.derive import resolve_data
+
+    resolve_data(cfg)  # first: a user's folders decide the split paths and the "auto" class counts
+    _check_ranges(cfg)  # the rules below divide by batch sizes, patch sizes and head counts
     from vissl_vit.models.trunks.base import trunk_class
 
     trunk = trunk_class(cfg.MODEL.TRUNK)
@@ -597,13 +600,131 @@ def check_model_fits_memory(cfg: DictConfig, memory: int | None = None) -> None:
 
 
 def check_environment(cfg: DictConfig) -> None:
-    """Checks against this machine, after the config rules: the run folders can be written, the
-    model fits in memory.
+    """Checks against this machine, after the config rules: the data folders suit the model and the
+    loss, the run folders can be written, the model fits in memory.
 
     Args:
         cfg: the ``config`` node of a composed config.
     """
+    check_data_folders(cfg)
     check_run_folder(cfg.CHECKPOINT.DIR, "config.CHECKPOINT.DIR")
     if cfg.ENGINE_NAME != "train" and cfg.EXTRACT_FEATURES.OUTPUT_DIR:
         check_run_folder(cfg.EXTRACT_FEATURES.OUTPUT_DIR, "config.EXTRACT_FEATURES.OUTPUT_DIR")
     check_model_fits_memory(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data a run reads: each mistake here was a traceback at the first step (issue 17).
+# ---------------------------------------------------------------------------------------------------
+
+# vissl_vit's losses whose target is a class per image (the SSL losses ignore the labels)
+CLASS_LOSSES = ("cross_entropy_multiple_output_single_target", "bce_logits_multiple_output_single_target")
+
+
+def used_splits(cfg: DictConfig) -> list[str]:
+    """The data splits the engine reads: TRAIN to train, TEST for the test phases, the
+    EXTRACT_FEATURES.SPLITS of feature extraction and kNN (when it has no FEATURES_DIR)."""
+    if cfg.ENGINE_NAME == "train":
+        splits = ([] if cfg.TEST_ONLY else ["TRAIN"]) + (["TEST"] if cfg.TEST_MODEL else [])
+    elif cfg.ENGINE_NAME == "nearest_neighbor" and cfg.NEAREST_NEIGHBOR.FEATURES_DIR:
+        splits = []
+    else:
+        splits = [s for s in cfg.EXTRACT_FEATURES.SPLITS if s in ("TRAIN", "TEST")]
+    return [s for s in splits if len(cfg.DATA[s].DATA_SOURCES)]
+
+
+def needs_class_labels(cfg: DictConfig, split: str) -> str | None:
+    """Why a split's images need a class each (a loss on classes, kNN's vote), or None.
+
+    Labels are classes with LABEL_TYPE standard, or whenever LABEL_SOURCES is set (VISSL's rule,
+    see ``vissl_vit.data.dataset.effective_label_type``).
+    """
+    d = cfg.DATA[split]
+    if not len(d.LABEL_SOURCES) and d.LABEL_TYPE != "standard":
+        return None
+    if cfg.ENGINE_NAME == "nearest_neighbor":
+        return "config.ENGINE_NAME=nearest_neighbor votes with the classes"
+    if cfg.ENGINE_NAME == "train" and (cfg.LOSS.name in CLASS_LOSSES or _is_torch_loss(cfg.LOSS.name)):
+        return f"config.LOSS.name={cfg.LOSS.name} needs a class per image"
+    return None
+
+
+def _classifier_heads(cfg: DictConfig) -> list[tuple[int, str, str, Any]]:
+    """(index, name, key, value) of the heads whose output is the class scores: the last head of the
+    chain, or each head of a linear evaluation (one per feature)."""
+    from vissl_vit.config.derive import head_classes
+
+    heads = list(cfg.MODEL.HEAD.PARAMS)
+    fe = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    chosen = list(enumerate(heads)) if fe.EVAL_MODE_ON and fe.FREEZE_TRUNK_ONLY else list(enumerate(heads))[-1:]
+    out = []
+    for i, head in chosen:
+        found = head_classes(head)
+        if found is not None and isinstance(found[1], int) and not isinstance(found[1], bool):
+            out.append((i, str(head[0]), found[0], found[1]))
+    return out
+
+
+def check_data_folders(cfg: DictConfig) -> None:
+    """The disk_folder folders of the splits the engine reads, against the loss and the heads.
+
+    - A flat folder (images, no class folders) is refused where classes are needed
+      (:func:`needs_class_labels`); self-supervised methods read it (labels unused).
+    - In training with a loss on classes, the classifier head's output size equals the training
+      folder's number of classes (fewer outputs: "Target 2 is out of bounds" at the first step;
+      more: a head that trains classes no image has), and the test folders hold the training
+      folders' classes (a label is its folder's index among the sorted names: a missing class
+      shifts the others'), or without training folders no more classes than the head outputs.
+    Folders that do not exist are left to the data source's own error when it is read.
+    """
+    from vissl_vit.data.datasets.base import name_list
+    from vissl_vit.data.datasets.disk import class_folders, loose_images
+
+    folders: dict[str, list[tuple[int, str, list[str]]]] = {}
+    for split in used_splits(cfg):
+        d = cfg.DATA[split]
+        why = needs_class_labels(cfg, split)
+        folders[split] = []
+        for k, source in enumerate(d.DATA_SOURCES):
+            path = str(d.DATA_PATHS[k]) if k < len(d.DATA_PATHS) else ""
+            if source != "disk_folder" or not os.path.isdir(path):
+                continue
+            classes = class_folders(path)
+            if not classes and why and loose_images(path):
+                raise ConfigError(
+                    f"config.DATA.{split}.DATA_PATHS[{k}]='{path}' is a flat folder of images (no class "
+                    f"sub-folders), but {why}: put each class's images in {path}/<class>/, or train "
+                    f"self-supervised (e.g. config=test/quick_moco) with config.DATA.{split}.LABEL_TYPE=sample_index."
+                )
+            folders[split].append((k, path, classes))
+        if not why or cfg.ENGINE_NAME != "train":
+            folders.pop(split)
+    heads = _classifier_heads(cfg)
+    train = folders.get("TRAIN", [])
+    all_train = bool(train) and len(train) == len(cfg.DATA.TRAIN.DATA_SOURCES) and all(c for _, _, c in train)
+    if all_train:
+        k, path, classes = max(train, key=lambda t: len(t[2]))
+        for i, name, key, value in heads:
+            if value != len(classes):
+                raise ConfigError(
+                    f"config.MODEL.HEAD.PARAMS[{i}] '{name}' outputs {value} classes ({key}={value}) but the "
+                    f"training folder '{path}' has {len(classes)} class folders ({name_list(classes)}): set {key} "
+                    f"to {len(classes)}, or to auto to follow the folder."
+                )
+    for k, path, classes in folders.get("TEST", []):
+        if all_train and k < len(train) and train[k][0] == k and classes and classes != train[k][2]:
+            missing = sorted(set(train[k][2]) - set(classes))
+            extra = sorted(set(classes) - set(train[k][2]))
+            raise ConfigError(
+                f"config.DATA.TEST.DATA_PATHS[{k}]='{path}' does not hold the class folders of the training "
+                f"folder '{train[k][1]}' (missing: {name_list(missing) or 'none'}; not in training: "
+                f"{name_list(extra) or 'none'}): a label is its folder's index among the sorted names, so both "
+                "need the same class folders."
+            )
+        for i, name, key, value in heads:
+            if len(classes) > value:
+                raise ConfigError(
+                    f"config.DATA.TEST.DATA_PATHS[{k}]='{path}' has {len(classes)} class folders "
+                    f"({name_list(classes)}), more than the {value} classes config.MODEL.HEAD.PARAMS[{i}] "
+                    f"'{name}' outputs ({key}={value})."
+                )

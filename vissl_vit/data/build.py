@@ -11,6 +11,7 @@ import signal
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -52,9 +53,174 @@ def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
             label_path = d.LABEL_PATHS[k]
         factory = DATASETS.get(source)
         sources.append(factory(d.DATA_PATHS[k], label_path, name, split == "TRAIN", d.MMAP_MODE))
-    transforms = build_transforms(OmegaConf.to_container(d.TRANSFORMS, resolve=True), f"{where}.TRANSFORMS")
+    entries = with_size_transforms(cfg, split, OmegaConf.to_container(d.TRANSFORMS, resolve=True))
+    transforms = build_transforms(entries, f"{where}.TRANSFORMS")
+    check_makes_tensors(list(d.TRANSFORMS), f"{where}.TRANSFORMS")
     label_type = effective_label_type(d.LABEL_TYPE, list(d.LABEL_SOURCES), where)
     return VisslDataset(sources, transforms, label_type, d.DATA_LIMIT)
+
+
+# Transforms that set the size of the image (or of each view); any entry with a ``size`` argument does too.
+SIZE_TRANSFORMS = frozenset(
+    {"RandomResizedCrop", "Resize", "CenterCrop", "RandomCrop", "FiveCrop", "TenCrop", "ImgPilToMultiCrop"}
+)
+_DISK_SOURCES = ("disk_folder", "disk_filelist")  # images of any size, each its own
+
+
+def sets_image_size(entries: list[dict[str, Any]]) -> bool:
+    """Whether a TRANSFORMS list sets the image size (nested containers' transforms included)."""
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("name") in SIZE_TRANSFORMS or "size" in entry or "size_crops" in entry:
+            return True
+        if isinstance(entry.get("transforms"), list) and sets_image_size(entry["transforms"]):
+            return True
+    return False
+
+
+def with_size_transforms(cfg: DictConfig, split: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A split's TRANSFORMS, with Resize + CenterCrop to the trunk's input size in front when it reads
+    images from disk and no transform sets the size.
+
+    Images on disk have any size, each its own: without a resize, a batch of them fails in
+    default_collate ("stack expects each tensor to be equal size"), and images of one size other
+    than the trunk's IMAGE_SIZE pass silently with interpolated position embeddings. Resizing is
+    chosen over an error because it is what an evaluation pipeline does anyway (timm's and
+    torchvision's: resize the shorter side, crop the centre) and it leaves a first run on one's own
+    folder to one override; the inserted steps are logged, and any size-setting transform in the
+    list (RandomResizedCrop, Resize, CenterCrop, RandomCrop, ImgPilToMultiCrop, any ``size``
+    argument) turns it off. Synthetic and torchvision data have one known size and are left alone.
+
+    Args:
+        cfg: the ``config`` node.
+        split: "TRAIN" or "TEST".
+        entries: the split's TRANSFORMS as plain dicts.
+    """
+    if not any(s in _DISK_SOURCES for s in cfg.DATA[split].DATA_SOURCES) or sets_image_size(entries):
+        return entries
+    _, height, width = _trunk_input(cfg)
+    size: int | list[int] = height if height == width else [height, width]
+    logger.info(
+        "config.DATA.%s.TRANSFORMS sets no image size: Resize(%s) and CenterCrop(%s) to the trunk's input size "
+        "come first (add a RandomResizedCrop, Resize or CenterCrop to choose otherwise)",
+        split,
+        size,
+        size,
+    )
+    return [{"name": "Resize", "size": size}, {"name": "CenterCrop", "size": size}] + list(entries)
+
+
+def transform_names(entries: list[Any]) -> list[str]:
+    """The names of a TRANSFORMS list, those nested in torchvision's containers (``transforms:``) included."""
+    names: list[str] = []
+    for entry in entries:
+        if hasattr(entry, "keys") and "name" in entry:
+            names.append(str(entry["name"]))
+            nested = entry.get("transforms")
+            if nested is not None and not isinstance(nested, str):
+                names += transform_names(list(nested))
+    return names
+
+
+def check_makes_tensors(entries: list[Any], where: str) -> None:
+    """Refuse a TRANSFORMS list without a ToTensor (ToTensor, PILToTensor, VISSL's ImgToTensor...):
+    the loader would hand PIL images to the collator, which fails at the first step with a
+    traceback from default_collate (from a loader worker).
+
+    Args:
+        entries: the split's TRANSFORMS.
+        where: its config key, for the message.
+    """
+    names = transform_names(entries)
+    if not any("ToTensor" in n for n in names):
+        raise ConfigError(
+            f"{where}={names} has no ToTensor: the images would reach the batch as PIL images (a default_collate "
+            "error at the first step); add {name: ToTensor} after the image transforms (before Normalize)."
+        )
+
+
+_WARNING = "WARNING: "
+
+
+def _shape(data: Any) -> str:
+    if isinstance(data, torch.Tensor):
+        return "x".join(str(n) for n in data.shape)
+    if isinstance(data, (list, tuple)):
+        shapes = [_shape(v) for v in data]
+        groups = {s: shapes.count(s) for s in shapes}
+        return f"{len(data)} views (" + ", ".join(f"{n} x {s}" for s, n in groups.items()) + ")"
+    return type(data).__name__
+
+
+def describe_data(cfg: DictConfig, split: str, dataset: VisslDataset) -> list[str]:
+    """The data summary of one split, as lines to log at the start of a run: each source (its
+    kind, root, number of images, classes with the first names), the labels used, and the size of
+    one image after the transforms (image 0, augmented with seed 0). A line starting with
+    ``WARNING: `` tells of an image that does not fit the trunk (another size: the position
+    embeddings are interpolated; another number of channels: the first step fails).
+
+    The engines call it on the primary process after building each dataset (see
+    :func:`log_data_summary`).
+
+    Args:
+        cfg: the ``config`` node.
+        split: "TRAIN" or "TEST".
+        dataset: the split's dataset, from :func:`build_dataset`.
+    """
+    d = cfg.DATA[split]
+    total = dataset.offsets[-1]
+    limit = f" (DATA_LIMIT: the first {len(dataset)} of {total})" if len(dataset) < total else ""
+    lines = [f"{split} data: {len(dataset)} images{limit}, from {len(dataset.sources)} source(s)"]
+    for k, (kind, source) in enumerate(zip(d.DATA_SOURCES, dataset.sources)):
+        name = f" {d.DATASET_NAMES[k]}" if k < len(d.DATASET_NAMES) else ""
+        text = source.summary()
+        if kind == "synthetic":
+            s = cfg.DATA.SYNTHETIC
+            text += f", random {s.IMAGE_SIZE}x{s.IMAGE_SIZE}, {s.NUM_CLASSES} classes (config.DATA.SYNTHETIC)"
+        elif hasattr(source, "labels") and source.labels is not None and not hasattr(source, "classes"):
+            text += f", {len(np.unique(np.asarray(source.labels)))} classes"
+        lines.append(f"  source {k}: {kind}{name}: {text}")
+    labels = {
+        "standard": "the class of each image",
+        "sample_index": "the image's index (classes unused)",
+        "zero": "0 (classes unused)",
+    }[dataset.label_type]
+    lines.append(f"  labels: {labels}")
+    if len(dataset):
+        data = dataset[(0, 0)]["data"]
+        lines.append(f"  after the transforms: {_shape(data)} (image 0)")
+        channels, height, width = _trunk_input(cfg)
+        first = data[0] if isinstance(data, (list, tuple)) and data else data
+        if isinstance(first, torch.Tensor) and first.ndim == 3:
+            if first.shape[0] != channels:
+                lines.append(
+                    f"{_WARNING}{split} images have {first.shape[0]} channels after the transforms, the trunk takes "
+                    f"{channels} (config.MODEL.TRUNK...IN_CHANNELS)"
+                )
+            if tuple(first.shape[1:]) != (height, width) and not isinstance(data, (list, tuple)):
+                lines.append(
+                    f"{_WARNING}{split} images are {first.shape[1]}x{first.shape[2]} after the transforms, the trunk's "
+                    f"IMAGE_SIZE is {height}x{width}: its position embeddings are interpolated"
+                )
+    return lines
+
+
+def _trunk_input(cfg: DictConfig) -> tuple[int, int, int]:
+    from vissl_vit.models.trunks.base import trunk_class
+
+    return trunk_class(cfg.MODEL.TRUNK).input_shape_from_config(cfg.MODEL.TRUNK)
+
+
+def log_data_summary(cfg: DictConfig, split: str, dataset: VisslDataset) -> list[str]:
+    """Log :func:`describe_data`'s lines (INFO; the ``WARNING: `` ones as warnings) and return them."""
+    lines = describe_data(cfg, split, dataset)
+    for line in lines:
+        if line.startswith(_WARNING):
+            logger.warning("%s", line[len(_WARNING) :])
+        else:
+            logger.info("%s", line)
+    return lines
 
 
 # Signals that stop a run: the training process handles them (PreemptionHook finishes the step,

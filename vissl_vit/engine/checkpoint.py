@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, the ``checkpoint.torch`` link to the newest, keep-last-N, resume.
+"""Checkpoints: atomic writes, the ``checkpoint.torch`` link to the newest, keep-last-N, the best, resume.
 
 Layout (VISSL's, so VISSL tools read it, plus the trainer's state)::
 
@@ -8,7 +8,13 @@ Layout (VISSL's, so VISSL tools read it, plus the trainer's state)::
      "config_yaml": "...", "hooks": {...}, "version": 2}
 
 Everything in it is plain data (tensors, containers, numbers, strings): it loads with
-``torch.load(weights_only=True)``, so resuming runs no code from the file.
+``torch.load(weights_only=True)`` (a plain ``torch.load`` on torch >= 2.6), so resuming runs no
+code from the file. Files get the usual permissions (0644 under the usual umask 022).
+
+``checkpoint.torch`` names the newest checkpoint: a symlink by default, or (``latest_as_copy``)
+a regular file, a hard link to it (a copy where the file system has none), for object stores and
+copy tools that do not keep symlinks. ``model_best.torch`` (see :func:`save_best`) is the
+checkpoint of the best test value so far; neither is counted or pruned by keep-last-N.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -30,6 +38,7 @@ from vissl_vit.utils.safe_load import load_torch_file
 logger = logging.getLogger(__name__)
 
 LATEST = "checkpoint.torch"
+BEST = "model_best.torch"
 _NAME_RE = re.compile(r"^model_(phase|iteration)(\d+)\.torch$")
 VERSION = 2  # 2: per-rank RNG and loss states, the config, plain numpy RNG state
 
@@ -91,24 +100,19 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str, note: str = "") -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None], note: str = "") -> None:
+    """Call ``write`` on a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
 
     A crash (or kill -9) at any moment leaves either the old file or the new one, never a part; a
     temporary file a kill -9 leaves behind is removed by :func:`remove_stale_tmp_files`.
     The file gets the usual permissions (0666 less the umask, as ``open`` gives), not mkstemp's 0600.
-
-    Args:
-        obj: what to save.
-        path: the destination.
-        note: added to the error message when the write fails (e.g. which checkpoint is intact).
 
     Raises:
         UserError: the write failed (disk full, permissions, ...); ``path`` is untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".torch", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1] or ".tmp", dir=folder)
     except OSError as e:
         raise UserError(f"Could not write {path}: {e.strerror or e}{note}") from None
     try:
@@ -116,7 +120,7 @@ def atomic_save(obj: Any, path: str, note: str = "") -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with open(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -134,6 +138,25 @@ def atomic_save(obj: Any, path: str, note: str = "") -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str, note: str = "") -> None:
+    """torch.save ``obj`` to ``path`` atomically (see :func:`_atomic_write`).
+
+    Args:
+        obj: what to save.
+        path: the destination.
+        note: added to the error message when the write fails (e.g. which checkpoint is intact).
+
+    Raises:
+        UserError: the write failed (disk full, permissions, ...); ``path`` is untouched.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f), note)
+
+
+def atomic_write_bytes(data: bytes, path: str, note: str = "") -> None:
+    """Write ``data`` to ``path`` atomically, with the usual permissions (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: f.write(data), note)
+
+
 def remove_stale_tmp_files(folder: str) -> list[str]:
     """Remove the temporary files a killed run left in its run folder; returns their names.
 
@@ -149,13 +172,35 @@ def remove_stale_tmp_files(folder: str) -> list[str]:
     return [os.path.basename(p) for p in stale]
 
 
-def _point_latest(folder: str, name: str) -> None:
+def _place_copy(src: str, dst: str) -> None:
+    """Make ``dst`` a regular file with ``src``'s content, atomically: a hard link (no space, no
+    time), or a copy where the file system has no hard links (some FUSE and network mounts)."""
+    folder = os.path.dirname(dst)
+    tmp = os.path.join(folder, f".tmp_copy_{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_folder(folder)
+
+
+def _point_latest(folder: str, name: str, as_copy: bool = False) -> None:
+    """Make checkpoint.torch name ``name``: a relative symlink, or with ``as_copy`` a regular file
+    (:func:`_place_copy`). Either replaces the old one atomically: it always names a complete checkpoint."""
     link = os.path.join(folder, LATEST)
+    if as_copy:
+        _place_copy(os.path.join(folder, name), link)
+        return
     tmp = os.path.join(folder, f".tmp_link_{os.getpid()}")
     if os.path.lexists(tmp):
         os.remove(tmp)
     os.symlink(name, tmp)
-    os.replace(tmp, link)  # atomic: the link always points at a complete checkpoint
+    os.replace(tmp, link)
 
 
 def list_checkpoints(folder: str) -> list[str]:
@@ -164,13 +209,21 @@ def list_checkpoints(folder: str) -> list[str]:
     return sorted(files, key=lambda f: (os.path.getmtime(f), f))
 
 
-def save_checkpoint(folder: str, name: str, state: dict[str, Any], keep_last: int) -> str:
-    """Write ``folder/name`` atomically, point checkpoint.torch at it, prune to ``keep_last`` (-1: all)."""
+def save_checkpoint(folder: str, name: str, state: dict[str, Any], keep_last: int, latest_as_copy: bool = False) -> str:
+    """Write ``folder/name`` atomically, point checkpoint.torch at it, prune to ``keep_last`` (-1: all).
+
+    Args:
+        folder: the run folder.
+        name: the file name (model_phase{epoch}.torch or model_iteration{it}.torch).
+        state: what to save (:func:`~vissl_vit.engine.hooks.checkpoint_hook.trainer_state`).
+        keep_last: keep the newest N model_*.torch files; -1 keeps all.
+        latest_as_copy: checkpoint.torch as a regular file instead of a symlink.
+    """
     path = os.path.join(folder, name)
     previous = find_latest(folder)
     intact = f"; the previous checkpoint {previous} is intact" if previous else "; no earlier checkpoint exists"
     atomic_save(state, path, note=intact)
-    _point_latest(folder, name)
+    _point_latest(folder, name, as_copy=latest_as_copy)
     if keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:
             if os.path.basename(old) != name:
@@ -179,12 +232,30 @@ def save_checkpoint(folder: str, name: str, state: dict[str, Any], keep_last: in
     return path
 
 
+def save_best(folder: str, state: dict[str, Any] | None = None, same_as: str | None = None) -> str:
+    """Write ``folder/model_best.torch``: ``state``, or a hard link to (copy of) the checkpoint
+    ``same_as`` just written with the same state (then it costs no space). Returns its path."""
+    path = os.path.join(folder, BEST)
+    if same_as is not None:
+        _place_copy(same_as, path)
+    else:
+        atomic_save(state, path, note="; the previous model_best.torch is intact")
+    return path
+
+
 def find_latest(folder: str) -> str | None:
-    """The checkpoint checkpoint.torch points to, else the newest model_*.torch, else None."""
+    """The checkpoint checkpoint.torch names, else the newest model_*.torch, else None.
+
+    checkpoint.torch as a symlink: its target. As a regular file (``latest_as_copy``, or a copy tool
+    that followed the link): the model_*.torch it is a hard link of, else itself.
+    """
     link = os.path.join(folder, LATEST)
-    if os.path.exists(link):
+    if os.path.islink(link) and os.path.exists(link):
         return os.path.realpath(link)
     files = list_checkpoints(folder)
+    if os.path.isfile(link) and not os.path.islink(link):
+        same = [f for f in files if os.path.samefile(f, link)]
+        return same[-1] if same else link
     return files[-1] if files else None
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.benchmark.knn import knn_search, weighted_knn_accuracy
 from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.data.build import log_data_summary
 from vissl_vit.engine.hooks.guards import BadImages, bad_in_batches, gather_objects
 from vissl_vit.engine.parallel import amp_dtype
 from vissl_vit.engine.train_engine import get_device, seed_all
@@ -217,6 +218,8 @@ def extract_features(cfg: DictConfig, rank: int, world_size: int, device: torch.
         start = time.perf_counter()
         shard = functools.partial(_shard, folder, rank, split)
         dataset = build_dataset(cfg, split)
+        if rank == 0:
+            log_data_summary(cfg, split, dataset)
         loader = build_dataloader(cfg, split, dataset, rank, world_size, device, for_extraction=True)
         _, bad = _extract_split(model, loader, trunk_only, device, dtype, names, shard)
         # every rank takes part in the gather and raises alike: no rank is left waiting in the barrier

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config.derive import DerivedValues, derive_run_values
 from vissl_vit.data import build_dataloader, build_dataset
+from vissl_vit.data.build import log_data_summary
 from vissl_vit.engine.checkpoint import find_latest, load_checkpoint, remove_stale_tmp_files
 from vissl_vit.engine.hooks import HookBase, HookContext, Preempted, TestHook, build_hooks, restore_trainer
 from vissl_vit.engine.hooks.phases import PhaseWriter
@@ -160,6 +161,7 @@ def _build_trainer(
         accumulation=derived.grad_accumulation_steps,
         amp_dtype=amp_dtype(cfg, device),
         wd_scheduler=build_wd_scheduler(derived),
+        sync_every=cfg.LOG_FREQUENCY,  # the host reads the step scalars once per log line
     )
 
 
@@ -174,18 +176,36 @@ def _open_writers(stack: contextlib.ExitStack, cfg: DictConfig, run_dir: str, pr
     return stdout_json, metrics_json, tb
 
 
-def _run(cfg: DictConfig, trainer: Trainer) -> None:
-    """Train, or only test (TEST_ONLY); a preempted run stops cleanly (a rerun resumes)."""
-    try:
-        if cfg.TEST_ONLY:
-            test_hook = next(h for h in trainer.hooks if isinstance(h, TestHook))  # TEST_ONLY needs TEST_MODEL
-            test_hook.run_test(max(trainer.epoch - 1, 0))
-        elif trainer.iteration >= trainer.max_iterations:
-            logger.info("Training already complete (%d iterations); nothing to do.", trainer.iteration)
-        else:
-            trainer.train()
-    except Preempted as e:
-        logger.warning("Stopped: %s", e)
+def _hook_context(
+    stack: contextlib.ExitStack,
+    cfg_root: DictConfig,
+    run_dir: str,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    train_size: int,
+) -> HookContext:
+    """What build_hooks needs besides the config: this process's place, the test loader (TEST_MODEL)
+    and the writers (opened here, closed with ``stack``)."""
+    cfg, primary = cfg_root.config, rank == 0
+    stdout_json, metrics_json, tb = _open_writers(stack, cfg, run_dir, primary)
+    test_loader = None
+    if cfg.TEST_MODEL:
+        test_ds = build_dataset(cfg, "TEST")
+        if primary:
+            log_data_summary(cfg, "TEST", test_ds)
+        test_loader = build_dataloader(cfg, "TEST", test_ds, rank, world_size, device)
+    return HookContext(
+        run_dir=run_dir,
+        primary=primary,
+        world_size=world_size,
+        train_size=train_size,
+        test_loader=test_loader,
+        stdout_json=stdout_json,
+        tb=tb,
+        phase_writer=PhaseWriter(metrics_json, tb, cfg.METERS.name or "meter"),
+        config_yaml=OmegaConf.to_yaml(cfg_root),
+    )
 
 
 def run_train_engine(
@@ -209,6 +229,8 @@ def run_train_engine(
     run_dir, device = _start_process(cfg, rank, local_rank)
 
     train_ds = build_dataset(cfg, "TRAIN") if len(cfg.DATA.TRAIN.DATA_SOURCES) else None
+    if train_ds is not None and primary:
+        log_data_summary(cfg, "TRAIN", train_ds)  # source, images, classes, size after the transforms
     derived = derive_run_values(cfg, len(train_ds) if train_ds is not None else 0)
     resume_path, resume_state = _read_resume_state(cfg_root, run_dir, primary, derived)
 
@@ -221,24 +243,20 @@ def run_train_engine(
     trainer = _build_trainer(cfg, derived, model, loss_fn, optimizer, train_loader, device)
 
     with contextlib.ExitStack() as writers:
-        stdout_json, metrics_json, tb = _open_writers(writers, cfg, run_dir, primary)
-        test_loader = None
-        if cfg.TEST_MODEL:
-            test_loader = build_dataloader(cfg, "TEST", build_dataset(cfg, "TEST"), rank, world_size, device)
-        context = HookContext(
-            run_dir=run_dir,
-            primary=primary,
-            world_size=world_size,
-            train_size=len(train_ds) if train_ds is not None else 0,
-            test_loader=test_loader,
-            stdout_json=stdout_json,
-            tb=tb,
-            phase_writer=PhaseWriter(metrics_json, tb, cfg.METERS.name or "meter"),
-            config_yaml=OmegaConf.to_yaml(cfg_root),
-        )
+        train_size = len(train_ds) if train_ds is not None else 0
+        context = _hook_context(writers, cfg_root, run_dir, rank, world_size, device, train_size)
         trainer.register_hooks(build_hooks(cfg, context, model, extra_hooks))
         _resume(trainer, resume_path, resume_state)
         del resume_state  # the model and optimizer hold their copies now
-        _run(cfg, trainer)
+        try:  # train, or only test; a preempted run stops cleanly (a rerun resumes)
+            if cfg.TEST_ONLY:
+                test_hook = next(h for h in trainer.hooks if isinstance(h, TestHook))  # TEST_ONLY needs TEST_MODEL
+                test_hook.run_test(max(trainer.epoch - 1, 0))
+            elif trainer.iteration >= trainer.max_iterations:
+                logger.info("Training already complete (%d iterations); nothing to do.", trainer.iteration)
+            else:
+                trainer.train()
+        except Preempted as e:
+            logger.warning("Stopped: %s", e)
     logger.info("Done. Run folder: %s", run_dir)
     return trainer

@@ -1,16 +1,22 @@
-"""The training loop: it only loops; hooks do everything else (logs, meters, tests, checkpoints)."""
+"""The training loop: it only loops; hooks do everything else (logs, meters, tests, checkpoints).
+
+The host waits for the device only at sync points (:class:`StepScalars`): every ``sync_every``
+steps (LOG_FREQUENCY), at the end of an epoch and at a checkpoint.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from fvcore.common.param_scheduler import ParamScheduler
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
@@ -34,8 +40,9 @@ class MicroBatch:
 @dataclass
 class StepResult:
     """What the last optimizer step produced, for the hooks to read. It is set before the
-    optimizer step (``before_optimizer_step`` hooks read it), so after a guard stopped the run it
-    describes the rejected step."""
+    optimizer step (``before_optimizer_step`` hooks read it). A guard's verdict is read at the next
+    sync point (:class:`StepScalars`), so after a guard stopped the run it describes the step of
+    that sync point, which the run then skipped too; the message names the rejected one."""
 
     loss: torch.Tensor  # mean over the micro-batches, detached
     micro: list[MicroBatch]
@@ -45,6 +52,83 @@ class StepResult:
     # hook asked for it: see Trainer.total_grad_norm)
     grad_norm: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+# a check of step scalars: [(step, the values as read on the host)] for the steps since the last read
+Check = Callable[[list[tuple[int, list[float]]]], None]
+
+
+class StepScalars:
+    """The small numbers of each step that the host must see and the ranks must agree on (a
+    non-finite loss or gradient, unreadable images, a stop request, the logged loss), kept on the
+    device until a sync point and then reduced and read together.
+
+    Hooks :meth:`add` values during a step (no host read, no collective); at a sync point
+    (:meth:`Trainer.sync`: every ``sync_every`` steps, the end of an epoch, a checkpoint) the
+    values of all the steps since the last one are concatenated, reduced with one call per
+    reducer (the engine gives every hook the same ``all_reduce_sum``: one collective), read with
+    one ``tolist`` (one host sync), and each name's check runs on them, in the order the checks
+    were first added: a guard's check may raise, before any hook sees the step. timm and DINO
+    likewise read their scalars once per log interval, not every step.
+
+    Args:
+        device: where the values are reduced (the training device: NCCL carries CUDA tensors).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.step = 0  # the step the trainer is in (1-based): what add() files the values under
+        self._pending: dict[int, dict[str, tuple[torch.Tensor, Reducer | None]]] = {}
+        self._checks: dict[str, Check] = {}
+        self._latest: dict[str, list[float]] = {}
+
+    def add(self, name: str, values: torch.Tensor, reducer: Reducer | None = None, check: Check | None = None) -> None:
+        """File ``values`` (any shape, flattened) under ``name`` for this step.
+
+        Args:
+            name: the values' name (one add per name and step; a second replaces the first).
+            values: on any device; moved to ``device`` as float64 without waiting for it.
+            reducer: sums over ranks (``all_reduce_sum``), or None to read this rank's values as they are.
+            check: called at each read with this name's rows; the first one given for a name is kept.
+        """
+        values = values.detach().reshape(-1).to(self.device, torch.float64, non_blocking=True)
+        self._pending.setdefault(self.step, {})[name] = (values, reducer)
+        if check is not None:
+            self._checks.setdefault(name, check)
+
+    def has_pending(self, name: str) -> bool:
+        """Whether ``name`` was added since the last read."""
+        return any(name in row for row in self._pending.values())
+
+    def latest(self, name: str) -> list[float] | None:
+        """The values of ``name`` of the latest step read, or None if none was."""
+        return self._latest.get(name)
+
+    def read(self) -> None:
+        """Reduce and read what was added since the last read, then run the checks (no-op when nothing was)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}  # a check may cause a read (a checkpoint): nothing twice
+        groups: dict[Reducer | None, list[torch.Tensor]] = {}
+        for row in pending.values():  # the same steps and names, in the same order, on every rank
+            for values, reducer in row.values():
+                groups.setdefault(reducer, []).append(values)
+        parts = [torch.cat(ts) if r is None else r(torch.cat(ts)) for r, ts in groups.items()]
+        flat = torch.cat(parts).tolist()  # the one host sync
+        start, at = 0, {}
+        for r, part in zip(groups, parts):
+            at[r], start = start, start + part.numel()
+        rows: dict[str, list[tuple[int, list[float]]]] = {}
+        for step, row in pending.items():
+            for name, (values, reducer) in row.items():
+                got = flat[at[reducer] : at[reducer] + values.numel()]
+                at[reducer] += values.numel()
+                rows.setdefault(name, []).append((step, got))
+                self._latest[name] = got
+        for name, check in list(self._checks.items()):
+            if name in rows:
+                check(rows[name])
 
 
 def plain_norm(norm: torch.Tensor) -> torch.Tensor:
@@ -98,6 +182,8 @@ class Trainer:
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), or None for full precision.
         wd_scheduler: fvcore schedule of the weight decay, a function of progress (set every step
             in each group with a ``wd_scale``, times it); None leaves the groups' weight decay as built.
+        sync_every: steps between the host's reads of the step scalars (LOG_FREQUENCY in the
+            engine; see :class:`StepScalars`); the end of each epoch and the last step are read too.
     """
 
     def __init__(
@@ -115,6 +201,7 @@ class Trainer:
         accumulation: int = 1,
         amp_dtype: torch.dtype | None = None,
         wd_scheduler: ParamScheduler | None = None,
+        sync_every: int = 1,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.lr_scheduler, self.train_loader = lr_scheduler, train_loader
@@ -128,6 +215,9 @@ class Trainer:
         self.phase_idx = 0  # phases (train and test) written to metrics.json so far
         self.hooks: list[HookBase] = []
         self.last: StepResult | None = None
+        self.sync_every = max(int(sync_every), 1)
+        self.scalars = StepScalars(device)
+        self._skip: torch.Tensor | None = None  # set on the device by a guard: no update until the next sync
 
     @property
     def epoch(self) -> int:
@@ -148,7 +238,11 @@ class Trainer:
         """The trainer's own state, as checkpoints store it at their top level: the grad scaler,
         the position (iteration, epoch, phase_idx, and the steps per epoch and world size it was
         counted with), and each hook's state under its class name. Model, optimizer, loss and RNG
-        states are the checkpoint hook's to gather (they take collectives)."""
+        states are the checkpoint hook's to gather (they take collectives).
+
+        The step scalars are read first (:meth:`sync`, on every rank, as checkpoints are taken): a
+        step a guard rejects raises there, so no checkpoint holds an unchecked step."""
+        self.sync()
         hooks = {type(h).__name__: h.state_dict() for h in self.hooks}
         return {
             "grad_scaler": self.scaler.state_dict(),
@@ -191,27 +285,44 @@ class Trainer:
                 sampler.set_start_iteration(self.iteration % self.iterations_per_epoch)
                 self.model.train()
                 self._call("before_epoch")
-                epoch_end = (self.epoch + 1) * self.iterations_per_epoch
-                micro: list[dict[str, Any]] = []
-                for batch in self.train_loader:
-                    micro.append(batch)
-                    if len(micro) < self.accumulation:
-                        continue
-                    self._step(micro)
-                    micro = []
-                    if self.iteration >= epoch_end:
-                        break
-                if micro and self.iteration < epoch_end:  # the epoch's last, shorter step
-                    self._step(micro)
+                for micro in self._epoch_steps():
+                    self.step(micro)
+                self.sync()  # what the last after_step added, before the epoch's test phase and checkpoint
                 self._call("after_epoch")
         finally:
             self._call("after_train")
 
-    def _step(self, micro: list[dict[str, Any]]) -> None:
-        self._call("before_step")
-        self.run_step(micro)
-        self.iteration += 1
-        self._call("after_step")
+    def _epoch_steps(self) -> Iterator[list[dict[str, Any]]]:
+        """The rest of this epoch's steps, each a list of ``accumulation`` loader batches (the
+        epoch's last step may have fewer, when the loader runs out)."""
+        epoch_end = (self.epoch + 1) * self.iterations_per_epoch
+        micro: list[dict[str, Any]] = []
+        for batch in self.train_loader:
+            micro.append(batch)
+            if len(micro) < self.accumulation:
+                continue
+            yield micro
+            micro = []
+            if self.iteration >= epoch_end:
+                return
+        if micro and self.iteration < epoch_end:
+            yield micro
+
+    def sync(self) -> None:
+        """A sync point: reduce and read the step scalars (:class:`StepScalars`); their checks may raise.
+
+        Called by the loop every ``sync_every`` steps, at the end of each epoch and after the
+        last step, by :meth:`state_dict`, and by any hook that needs the values now (a no-op when
+        nothing was added since the last read). A step flagged by a guard raises here at the latest.
+        """
+        self.scalars.read()
+        self._skip = None  # the checks passed: no rank flagged a step since the last sync
+
+    def skip_optimizer_step(self, flag: torch.Tensor) -> None:
+        """Leave the weights untouched at this step where ``flag`` (a bool tensor on the device) is
+        True, and at every step until the next sync point, decided on the device (no host read).
+        The guard that flags a step raises at the sync (see :meth:`_optimizer_step`)."""
+        self._skip = flag if self._skip is None else self._skip | flag
 
     def total_grad_norm(self) -> torch.Tensor:
         """The 2-norm of all the model's gradients together (as clip_grad_norm_ computes it)."""
@@ -244,9 +355,13 @@ class Trainer:
             self.model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def run_step(self, micro: list[dict[str, Any]]) -> None:
-        """One optimizer step over micro-batches: lr -> (forward -> loss -> backward) x N -> clip ->
-        guards (before_optimizer_step) -> step."""
+    def step(self, micro: list[dict[str, Any]]) -> None:
+        """One optimizer step over micro-batches, with its hook events: before_step -> lr ->
+        (forward -> loss -> backward) x N -> after_backward -> clip -> before_optimizer_step (the
+        guards) -> optimizer step -> iteration + 1 -> the step scalars read, at a sync point ->
+        after_step."""
+        self.scalars.step = self.iteration + 1
+        self._call("before_step")
         lr, wd = self.current_lr(), self.current_weight_decay()
         for group in self.optimizer.param_groups:
             # each group's factor (layer decay, overrides: optim/param_groups.py); a plain torch
@@ -277,5 +392,46 @@ class Trainer:
         self.last = StepResult(total, done, lr, batch_size=images, grad_norm=grad_norm)
         # guards run here: a step they reject never reaches the weights (issue 10, item 8)
         self._call("before_optimizer_step")
-        self.scaler.step(self.optimizer)
+        self._optimizer_step()
+        self.iteration += 1
+        at_end = self.iteration % self.iterations_per_epoch == 0 or self.iteration == self.max_iterations
+        if at_end or self.iteration % self.sync_every == 0:
+            self.sync()  # the guards' verdict before any hook sees the step
+        self._call("after_step")
+
+    def _optimizer_step(self) -> None:
+        """``scaler.step(optimizer)``; where a guard flagged the step (:meth:`skip_optimizer_step`)
+        the weights stay as they were, decided on the device, so the host need not wait for it.
+
+        - float16 AMP: the flag joins the GradScaler's own inf/NaN record, which skips the step;
+        - fused optimizers (torch's SGD, Adam, AdamW on CUDA): ``found_inf``, as GradScaler passes
+          it to them, skips the update in the kernel, optimizer state included;
+        - any other optimizer: the step runs and the weights are put back where the flag is set
+          (one copy of the parameters per step); its state may then hold the rejected step, but
+          the run raises at the next sync point, before any checkpoint.
+        """
+        opt, skip = self.optimizer, self._skip
+        if skip is None:
+            self.scaler.step(opt)
+        elif self.scaler.is_enabled():
+            state = self.scaler._per_optimizer_states[id(opt)]  # torch's record of this optimizer's step
+            if state["stage"] is not OptState.UNSCALED:
+                self.scaler.unscale_(opt)
+            for found in state["found_inf_per_device"].values():
+                found.add_(skip.to(found))
+            self.scaler.step(opt)
+        elif getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+        else:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP: this rank's shard
+            with torch.no_grad():
+                before = [p.detach().clone() for p in local]
+                opt.step()
+                for p, b in zip(local, before):
+                    p.copy_(torch.where(skip, b, p))
         self.scaler.update()

@@ -40,23 +40,25 @@ class AccuracyListMeter:
         if target.ndim == 2:
             target = target.argmax(dim=1)
         maxk = max(self.topk)
+        if self.correct.device != target.device:  # the counts live where the outputs are: no host read per step
+            self.correct = self.correct.to(target.device)
         for m, out in enumerate(outputs):
             pred = out.topk(min(maxk, out.shape[1]), dim=1).indices  # [B, k]
             hit = pred == target[:, None]
-            for j, k in enumerate(self.topk):
-                self.correct[m, j] += hit[:, :k].any(dim=1).sum().item()
+            self.correct[m] += torch.stack([hit[:, :k].any(dim=1).sum() for k in self.topk]).to(self.correct.dtype)
         self.count += target.shape[0]
 
     def sync(self, all_reduce) -> None:
         """Sum the counts over ranks with ``all_reduce(tensor)`` (a no-op on one process)."""
-        t = torch.cat([self.correct.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.correct.device)
+        t = torch.cat([self.correct.flatten(), count])
         t = all_reduce(t)
         self.correct = t[:-1].reshape(self.correct.shape)
         self.count = int(t[-1].item())
 
     def value(self) -> dict[str, dict[str, float]]:
         """``{"top_1": {"0": 76.1}, "top_5": {...}}``: VISSL's layout in metrics.json."""
-        acc = self.correct / max(self.count, 1) * 100.0
+        acc = (self.correct / max(self.count, 1) * 100.0).cpu()
         return {
             f"top_{k}": {name: round(acc[m, j].item(), 4) for m, name in enumerate(self.names)}
             for j, k in enumerate(self.topk)

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from vissl_vit.errors import ConfigError
 from vissl_vit.models.feature_eval import FeatureEvalModel, parse_pool_ops_map
 from vissl_vit.models.moco import MoCoModel
 from vissl_vit.models.model import TrunkHeadModel
 from vissl_vit.models.trunks.base import trunk_class
 from vissl_vit.registry import HEADS
 from vissl_vit.utils.kwargs import call_with_kwargs
+
+# MODEL.WRAPPER's values: the method wrapper around trunk + heads. "" (auto) is the choice of the
+# configs written before the key: MoCo's wrapper when LOSS.name is moco_loss, none otherwise.
+WRAPPERS = ("", "none", "moco")
+
+
+def method_wrapper(cfg: DictConfig) -> str:
+    """The method wrapper the model gets: "none" or "moco" (MODEL.WRAPPER, "" resolved from LOSS.name).
+
+    Args:
+        cfg: the ``config`` node.
+
+    Raises:
+        ConfigError: MODEL.WRAPPER is not one of :data:`WRAPPERS`.
+    """
+    name = cfg.MODEL.WRAPPER
+    if name not in WRAPPERS:
+        raise ConfigError(
+            f"config.MODEL.WRAPPER={name!r}: expected one of '' (auto: moco when LOSS.name is moco_loss, "
+            f"else none), {', '.join(WRAPPERS[1:])}."
+        )
+    if name:
+        return name
+    return "moco" if cfg.LOSS.name == "moco_loss" else "none"
 
 
 def estimate_num_params(cfg: DictConfig) -> int:
@@ -34,14 +59,15 @@ def estimate_num_params(cfg: DictConfig) -> int:
         if widths and isinstance(clusters, list):
             heads += widths[-1] * sum(int(c) for c in clusters if isinstance(c, int))
     total = trunk + heads
-    return 2 * total if cfg.LOSS.name == "moco_loss" else total
+    return 2 * total if method_wrapper(cfg) == "moco" else total
 
 
 def build_model(cfg: DictConfig) -> TrunkHeadModel:
     """Build trunk and heads from the ``config`` node of a composed config.
 
-    MoCo (``LOSS.name: moco_loss``) is the one method whose model is more than trunk + heads: its
-    model adds a momentum encoder, configured by ``LOSS.moco_loss`` as in VISSL's configs. With
+    A method whose model is more than trunk + heads is chosen by ``MODEL.WRAPPER``
+    (:func:`method_wrapper`; by ``LOSS.name`` in older configs): MoCo's adds a momentum encoder,
+    configured by ``LOSS.moco_loss`` as in VISSL's configs. With
     ``FEATURE_EVAL_SETTINGS.EVAL_MODE_ON`` the model is a frozen trunk with a head per feature
     (:class:`FeatureEvalModel`). Weights are loaded separately (:func:`apply_weights_init`).
 
@@ -59,8 +85,9 @@ def build_model(cfg: DictConfig) -> TrunkHeadModel:
         return FeatureEvalModel(
             trunk, heads, names or None, pools, fe.SHOULD_FLATTEN_FEATS, freeze_heads=freezes_heads(fe)
         )
+    wrapper = method_wrapper(cfg)  # checked before anything is built
     model = TrunkHeadModel(trunk, heads)
-    if cfg.LOSS.name == "moco_loss":
+    if wrapper == "moco":
         m = cfg.LOSS.moco_loss
         model = MoCoModel(model, m.version, m.momentum, m.momentum_schedule, m.shuffle_bn)
     return model

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vissl_vit.models.ema import ema_update_
 from vissl_vit.models.model import TrunkHeadModel
 from vissl_vit.utils.distributed import batch_shuffle, batch_unshuffle, get_world_size
 
@@ -66,12 +67,21 @@ class MoCoModel(TrunkHeadModel):
         for p in self.momentum_encoder.parameters():
             p.requires_grad = False
 
-    def _online_key_params(self) -> list[nn.Parameter]:
-        """The online parameters the momentum encoder mirrors (trunk and heads but the predictor)."""
-        params = list(self.trunk.parameters())
-        for head in list(self.heads)[: self.num_key_heads]:
-            params += list(head.parameters())
-        return params
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The (online, target) module pairs of the momentum update: the trunk and each head but
+        the predictor, each with its copy in the momentum encoder."""
+        pairs = [(self.trunk, self.momentum_encoder.trunk)]
+        pairs += list(zip(list(self.heads)[: self.num_key_heads], self.momentum_encoder.heads))
+        return pairs
+
+    def _pair_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The parameters of :meth:`ema_pairs`: (online, target), in the same order."""
+        online: list[nn.Parameter] = []
+        target: list[nn.Parameter] = []
+        for src, dst in self.ema_pairs():
+            online += list(src.parameters())
+            target += list(dst.parameters())
+        return online, target
 
     @torch.no_grad()
     def _keys(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -97,14 +107,14 @@ class MoCoModel(TrunkHeadModel):
     @torch.no_grad()
     def reset_momentum_encoder(self) -> None:
         """Make the momentum encoder a copy of the online trunk and key heads (after loading weights)."""
-        for target, source in zip(self.momentum_encoder.parameters(), self._online_key_params()):
-            target.copy_(source)
+        online, target = self._pair_params()
+        torch._foreach_copy_(target, online)
 
     @torch.no_grad()
     def update_momentum_encoder(self, progress: float) -> float:
-        """EMA of the online weights into the momentum encoder; returns the momentum used."""
+        """EMA of the online weights into the momentum encoder (the parameters of :meth:`ema_pairs`;
+        its BatchNorm statistics are its own, from its forwards); returns the momentum used."""
         m = momentum_at(self.momentum, self.momentum_schedule, progress)
-        target = list(self.momentum_encoder.parameters())
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, self._online_key_params(), alpha=1.0 - m)
+        online, target = self._pair_params()
+        ema_update_(target, online, m)
         return m

@@ -30,6 +30,8 @@ APPEND_PREFIX -> map the names of FORMAT (detected by default) to ours -> drop S
 Unlike VISSL, which logged keys it could not match and went on from random weights (VISSL issues
 #577, #545), a key of the model that the file does not provide, a key of the file that the model
 does not have, or a shape that does not fit stops the run with the lists, unless STRICT is False.
+When only the file's head does not fit (a classifier for another number of classes, an SSL
+projector), the message says how to fine-tune with a new head: SCOPE trunk.
 A position embedding made for another image size is resampled (bicubic) to the model's grid.
 One made without a class-token slot (timm's ``no_embed_class``: DeiT-III, big_vision) loads into a
 trunk that has the slot with a zero row there, which computes the same (the file's model added no
@@ -418,11 +420,14 @@ def load_weights(
     ]
     problems = _problems(report, list(own))
     if problems and strict:
-        raise UserError(
-            f"The weights in {path} ({fmt} format) do not fit the model:\n{problems}\n"
+        hint = _new_head_hint(report, scope)
+        generic = (
             "Fix the names with config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME / REMOVE_PREFIX / APPEND_PREFIX / "
             "FORMAT, leave layers out on purpose with SKIP_LAYERS, or set STRICT=False to load only what fits."
         )
+        # only the head does not fit: the new-head fix alone; else the name fixes (and the hint)
+        fixes = hint if hint and _trunk_fits(report) else [generic, *hint]
+        raise UserError(f"The weights in {path} ({fmt} format) do not fit the model:\n{problems}\n" + "\n".join(fixes))
     if problems:
         logger.warning("Loading %s with STRICT=False; these keys were not loaded:\n%s", path, problems)
     with torch.no_grad():
@@ -432,6 +437,31 @@ def load_weights(
             params[key].copy_(value.to(dtype=params[key].dtype))
     report.loaded = sorted(to_load)
     return report
+
+
+def _problem_keys(report: LoadReport) -> list[str]:
+    return report.missing + report.unexpected + [m.split(":", 1)[0] for m in report.mismatched]
+
+
+def _trunk_fits(report: LoadReport) -> bool:
+    """Every problem is outside the trunk (a head, an SSL projector): SCOPE trunk alone fixes them."""
+    return not any(k.startswith("trunk.") for k in _problem_keys(report))
+
+
+def _new_head_hint(report: LoadReport, scope: str) -> list[str]:
+    """The one-line fix for fine-tuning with a new head, when the file's head is what does not fit.
+
+    The usual case: a classifier trained for another number of classes (a shape mismatch of
+    ``heads.*``), or a self-supervised file whose heads are a projector, or none.
+    """
+    head_mismatch = [m for m in report.mismatched if m.startswith("heads.")]
+    if scope == "trunk" or not (head_mismatch or (_problem_keys(report) and _trunk_fits(report))):
+        return []
+    what = f" ({head_mismatch[0]})" if head_mismatch else ""
+    return [
+        f"The file's head does not fit the model's{what}: to fine-tune with a new head, set "
+        "config.MODEL.WEIGHTS_INIT.SCOPE=trunk (loads trunk.* only; the heads keep their initialisation)."
+    ]
 
 
 def _problems(report: LoadReport, model_keys: list[str]) -> str:

@@ -27,6 +27,16 @@ class ImageSource:
         """Where image ``index`` comes from (a path), for error messages."""
         return f"image {index}"
 
+    def summary(self) -> str:
+        """What this source holds, for the data summary logged at the start of a run."""
+        return f"{len(self)} images"
+
+
+def name_list(names: list[str], first: int = 8) -> str:
+    """``names`` joined with commas, the first ``first`` of them and a count of the rest."""
+    shown = ", ".join(names[:first])
+    return shown + (f", ... ({len(names) - first} more)" if len(names) > first else "")
+
 
 def open_image(path: str) -> Image.Image:
     """Decode an image file fully (so a truncated file fails here, not later) as RGB.

@@ -1,4 +1,5 @@
-"""Images on disk: an ImageFolder tree (``disk_folder``) or VISSL's .npy file lists (``disk_filelist``)."""
+"""Images on disk: an ImageFolder tree or a flat folder (``disk_folder``), or VISSL's .npy file lists
+(``disk_filelist``); and the split folders (train/, val/) of a data set root, found as timm finds them."""
 
 from __future__ import annotations
 
@@ -7,23 +8,91 @@ import os
 import numpy as np
 from PIL import Image
 
-from vissl_vit.data.datasets.base import ImageSource, open_image
+from vissl_vit.data.datasets.base import ImageSource, name_list, open_image
 from vissl_vit.errors import DataError
 from vissl_vit.registry import DATASETS
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# timm's split folder names (timm/data/dataset_factory.py, _TRAIN_SYNONYM and _EVAL_SYNONYM), in its order
+TRAIN_SPLIT_NAMES = ("train", "training")
+EVAL_SPLIT_NAMES = ("val", "valid", "validation", "eval", "evaluation")
+# every name that marks a folder of splits rather than of classes ("test" too: root/{train,test})
+_SPLIT_FOLDERS = frozenset(TRAIN_SPLIT_NAMES + EVAL_SPLIT_NAMES + ("test",))
+
+
+def class_folders(root: str) -> list[str]:
+    """The class names of an ImageFolder root: its sub-folders, sorted (torchvision's ``find_classes``)."""
+    return sorted(d.name for d in os.scandir(root) if d.is_dir())
+
+
+def loose_images(root: str) -> list[str]:
+    """The image files directly in ``root`` (not in sub-folders), sorted."""
+    return sorted(
+        e.path for e in os.scandir(root) if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file(follow_symlinks=True)
+    )
+
+
+def split_folders(root: str) -> list[str] | None:
+    """The split sub-folders of ``root`` when it is a folder of splits, else None.
+
+    ``root`` is a folder of splits when each of its (non-hidden) sub-folders has a split name:
+    train, training, val, valid, validation, eval, evaluation (timm's names) or test. Stricter
+    than timm, which takes ``root/train`` whenever it exists: a folder of vehicle classes may well
+    hold ``train`` next to ``bus`` and ``car``.
+    """
+    if not os.path.isdir(root):
+        return None
+    subs = [n for n in class_folders(root) if not n.startswith(".")]
+    if not subs or any(n not in _SPLIT_FOLDERS for n in subs):
+        return None
+    return subs
+
+
+def find_split_folder(root: str, split: str) -> str | None:
+    """``root/<split>`` when ``root`` is a folder of splits, as timm's ``_search_split`` finds it:
+    the first existing name of the split's synonyms (train, training for TRAIN; val, valid,
+    validation, eval, evaluation for TEST).
+
+    Args:
+        root: a folder (anything else gives None).
+        split: "TRAIN" or "TEST".
+
+    Returns:
+        The split's folder, or None when ``root`` is not a folder of splits or lacks that split.
+    """
+    subs = split_folders(root)
+    for name in (TRAIN_SPLIT_NAMES if split == "TRAIN" else EVAL_SPLIT_NAMES) if subs else ():
+        if name in subs:
+            return os.path.join(root, name)
+    return None
+
+
 class FolderSource(ImageSource):
-    """``root/<class>/<image>``: classes are the sorted sub-folder names, labels their index."""
+    """``root/<class>/<image>``: classes are the sorted sub-folder names, labels their index.
+
+    A flat folder, ``root/<image>`` without sub-folders (unlabeled images, for self-supervised
+    training), is read too: ``classes`` is empty, ``flat`` is True and every label is -1 (as a
+    file list without labels), for methods that set LABEL_TYPE sample_index or zero. The config
+    checks refuse it for a loss that needs classes (``vissl_vit.config.validate``).
+    """
 
     def __init__(self, root: str) -> None:
         if not os.path.isdir(root):
             raise DataError(f"disk_folder: '{root}' is not a folder (expected a folder of class folders).")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        if not self.classes:
-            raise DataError(f"disk_folder: '{root}' has no class sub-folders (expected root/<class>/<image>).")
+        self.root = root
+        self.classes = class_folders(root)
+        self.flat = not self.classes
         self.samples: list[tuple[str, int]] = []
+        if self.flat:
+            self.samples = [(p, -1) for p in loose_images(root)]
+            if not self.samples:
+                raise DataError(
+                    f"disk_folder: '{root}' has no class sub-folders and no images ({', '.join(IMG_EXTENSIONS)}) "
+                    "(expected root/<class>/<image>, or root/<image> for unlabeled images)."
+                )
+            return
         empty = []
         for label, cls in enumerate(self.classes):
             start = len(self.samples)
@@ -56,6 +125,11 @@ class FolderSource(ImageSource):
     def describe(self, index: int) -> str:
         return self.samples[index][0]
 
+    def summary(self) -> str:
+        if self.flat:
+            return f"'{self.root}': {len(self)} images, flat (no class folders: unlabeled)"
+        return f"'{self.root}': {len(self)} images, {len(self.classes)} classes ({name_list(self.classes)})"
+
 
 class FileListSource(ImageSource):
     """VISSL's file lists: a .npy array of image paths and, optionally, a .npy array of labels."""
@@ -80,6 +154,9 @@ class FileListSource(ImageSource):
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
+
+    def summary(self) -> str:
+        return f"{len(self)} images, {'labels from a .npy file' if self.labels is not None else 'no labels'}"
 
 
 _PROBES = 32  # paths of a file list looked at when it is opened (a stat each, even on a slow file system)

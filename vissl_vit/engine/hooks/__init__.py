@@ -10,12 +10,14 @@ from vissl_vit.engine.hooks.checkpoint_hook import (
     restore_trainer,
     trainer_state,
 )
+from vissl_vit.engine.hooks.ema import EmaModelHook
 from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
 from vissl_vit.engine.hooks.logging_hooks import LogHook, ProgressBarHook
 from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
 
 __all__ = [
     "BadImageHook",
+    "EmaModelHook",
     "FreezeParamsHook",
     "MomentumEncoderHook",
     "NormalizePrototypesHook",

@@ -2,8 +2,8 @@
 written beside each entry (detectron2's ``DefaultTrainer.build_hooks``).
 
 Three kinds of hooks, in this order of concern:
-- the engine's own (guards, meters, logs, test phases, checkpoints), switched by HOOKS.* and
-  friends;
+- the engine's own (guards, model EMA, meters, logs, test phases, checkpoints), switched by
+  HOOKS.* and friends;
 - a method's upkeep (MoCo's momentum encoder, SwAV's prototype normalisation), asked for by the
   model: any module of it may list hook names in a ``trainer_hooks`` attribute, so a new method
   brings its hook with its module, and the engine never looks at the loss's name;
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.checkpoint_hook import unwrap
+from vissl_vit.engine.hooks.ema import EmaModelHook
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.errors import ConfigError
 from vissl_vit.meters import build_meter
@@ -95,6 +96,27 @@ def _config_hooks(cfg: DictConfig) -> list[HookBase]:
     return hooks
 
 
+def _ema_hook(cfg: DictConfig, model: nn.Module) -> EmaModelHook | None:
+    """HOOKS.EMA_MODEL's hook, on when SAVE_EMA_MODEL or ENABLE_EMA_METERS is (as in VISSL), else None."""
+    e = cfg.HOOKS.EMA_MODEL
+    if not (e.SAVE_EMA_MODEL or e.ENABLE_EMA_METERS):
+        return None
+    if cfg.MODEL.FSDP.USE_FSDP:
+        raise ConfigError(
+            "config.HOOKS.EMA_MODEL (SAVE_EMA_MODEL or ENABLE_EMA_METERS True) with config.MODEL.FSDP.USE_FSDP=True: "
+            "the model EMA is a whole copy of the model and is not sharded; expected USE_FSDP=False, or both EMA keys False."
+        )
+    return _hook(
+        "ema_model_hook",
+        "config.HOOKS.EMA_MODEL",
+        model=model,
+        decay=e.DECAY,
+        update_iter=e.UPDATE_ITER,
+        warmup=e.WARMUP,
+        ema_device=e.EMA_DEVICE,
+    )
+
+
 def build_hooks(
     cfg: DictConfig, ctx: HookContext, model: nn.Module, extra_hooks: Sequence[HookBase] = ()
 ) -> list[HookBase]:
@@ -132,6 +154,12 @@ def build_hooks(
         if name == "normalize_prototypes_hook" and not cfg.LOSS.swav_loss.normalize_last_layer:
             continue
         hooks.append(_hook(name, f"the model's trainer_hooks ({type(unwrap(model)).__name__})"))
+    # 3b. The model EMA after the method's upkeep (it averages the upkept model: MoCo's momentum
+    #     encoder, SwAV's unit prototypes), before the test phase that evaluates it and the
+    #     checkpoint that saves it: a checkpoint written at a step holds that step's EMA.
+    ema = _ema_hook(cfg, model)
+    if ema is not None:
+        hooks.append(ema)
     # 4. The train meter before the test phase: the epoch's train line precedes its test line in
     #    metrics.json (phase_idx counts in that order); then the per-step log and progress bar.
     hooks.append(
@@ -159,6 +187,7 @@ def build_hooks(
     # 5. The test phase after the epoch's train phase, before the checkpoint, which then records
     #    the phase count with the test line included (a resume does not write it twice).
     if ctx.test_loader is not None:
+        ema_meters = ema is not None and cfg.HOOKS.EMA_MODEL.ENABLE_EMA_METERS
         hooks.append(
             _hook(
                 "test_hook",
@@ -170,6 +199,9 @@ def build_hooks(
                 num_epochs=cfg.OPTIMIZER.num_epochs,
                 all_reduce=all_reduce_sum,
                 max_bad_fraction=cfg.DATA.MAX_BAD_IMAGE_FRACTION,
+                # ENABLE_EMA_METERS: the EMA too, with its own meter, built as the model's is
+                ema=ema.ema if ema_meters else None,
+                ema_meter=build_meter(cfg) if ema_meters else None,
             )
         )
     # 6. The user's hooks (config, then Python) see an accepted step, the upkept model and the
@@ -187,6 +219,10 @@ def build_hooks(
         keep_last=c.KEEP_LAST,
         is_primary=ctx.primary,
         config_yaml=ctx.config_yaml,
+        latest_as_copy=c.LATEST_AS_COPY,
+        keep_best_metric=c.KEEP_BEST_METRIC,
+        keep_best_mode=c.KEEP_BEST_MODE,
+        export_safetensors=c.EXPORT_SAFETENSORS,
     )
     hooks.append(checkpoint)
     # 8. Preemption after the regular checkpoint: it writes its own and raises, which must not cut

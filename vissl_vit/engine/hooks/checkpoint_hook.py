@@ -1,10 +1,14 @@
-"""Checkpoint hook: saves the whole training state at epoch and iteration boundaries; resumes it."""
+"""Checkpoint hook: saves the whole training state at epoch and iteration boundaries (and the best
+by a test metric), exports the final weights; resumes it."""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,9 +19,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from vissl_vit.engine.checkpoint import VERSION, group_model_state, rng_state, save_checkpoint, set_rng_state
+from vissl_vit.engine.checkpoint import (
+    VERSION,
+    group_model_state,
+    rng_state,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
+)
 from vissl_vit.engine.hooks.base import HookBase
-from vissl_vit.errors import UserError
+from vissl_vit.errors import ConfigError, UserError
 from vissl_vit.registry import HOOKS
 from vissl_vit.utils.distributed import all_gather_object, get_rank, get_world_size
 
@@ -150,12 +161,56 @@ def restore_trainer(trainer: Any, state: dict[str, Any]) -> None:
         set_rng_state(rngs[get_rank()])
 
 
+def metric_value(values: dict[str, Any], metric: str) -> float | None:
+    """The value of ``metric`` (a metrics.json name: ``test_accuracy_list_meter.top_1.0``,
+    ``test_loss``) in a test phase's values (``{"loss": ..., "accuracy_list_meter": {"top_1":
+    {"0": ...}}}``), or None when the path does not lead to a number."""
+    node: Any = {f"test_{k}": v for k, v in values.items()}
+    for part in metric.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def metric_names(values: dict[str, Any], prefix: str = "test") -> list[str]:
+    """Every number's name in a test phase's values, as :func:`metric_value` reads them."""
+    names: list[str] = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            names += metric_names(v, f"{prefix}{'_' if prefix == 'test' else '.'}{k}")
+        else:
+            names.append(f"{prefix}{'_' if prefix == 'test' else '.'}{k}")
+    return names
+
+
+def last_test_values(trainer: Any) -> tuple[int, dict[str, Any]] | None:
+    """The newest test phase's (train_phase_idx, values), from the trainer's TestHook, or None."""
+    for h in trainer.hooks:
+        if isinstance(h, _test_hook_class()):
+            return getattr(h, "last_values", None)
+    return None
+
+
+def _test_hook_class() -> type:
+    from vissl_vit.engine.hooks.phases import TestHook
+
+    return TestHook
+
+
 @HOOKS.register("checkpoint_hook")
 class CheckpointHook(HookBase):
     """Save ``model_phase{epoch}.torch`` every ``epoch_frequency`` epochs (and at the end) and
     ``model_iteration{it}.torch`` every ``iter_frequency`` steps (-1: never). Rank 0 writes.
 
-    Registered last among the step hooks, so a step that a guard rejected is never saved.
+    With ``keep_best_metric``, ``model_best.torch`` holds the checkpoint of the best test value so
+    far (a hard link to the epoch's checkpoint when one is written at that epoch, else its own
+    file); the best value is part of the hook's state, so a resumed run keeps comparing with it.
+    At the end of training, ``model_final.safetensors`` (+ ``model_final.timm.json``) holds the
+    final weights (:mod:`vissl_vit.export`).
+
+    Registered last among the step hooks, so a step that a guard rejected is never saved; after
+    the test hook, so an epoch's test values are known when its checkpoint is written.
 
     Args:
         folder: the run folder.
@@ -163,7 +218,14 @@ class CheckpointHook(HookBase):
         iter_frequency: CHECKPOINT_ITER_FREQUENCY.
         keep_last: KEEP_LAST (-1 keeps all).
         is_primary: whether this rank writes.
-        config_yaml: the run's composed config, stored in each checkpoint (see ``check_resume_config``).
+        config_yaml: the run's composed config, stored in each checkpoint (see ``check_resume_config``);
+            the export reads the model's shape from it.
+        latest_as_copy: LATEST_AS_COPY: checkpoint.torch as a regular file, not a symlink.
+        keep_best_metric: KEEP_BEST_METRIC: a test value's metrics.json name, "" for no model_best.torch.
+        keep_best_mode: KEEP_BEST_MODE: "max", "min", or "auto" (min for a loss, else max).
+        export_safetensors: EXPORT_SAFETENSORS: write model_final.safetensors at the end of training.
+        test_values: returns the newest test phase's (train_phase_idx, values), or None before the
+            first; default: the trainer's TestHook's (:func:`last_test_values`).
     """
 
     def __init__(
@@ -174,14 +236,54 @@ class CheckpointHook(HookBase):
         keep_last: int,
         is_primary: bool,
         config_yaml: str = "",
+        latest_as_copy: bool = False,
+        keep_best_metric: str = "",
+        keep_best_mode: str = "auto",
+        export_safetensors: bool = True,
+        test_values: Callable[[], tuple[int, dict[str, Any]] | None] | None = None,
     ) -> None:
+        if keep_last == 0 or keep_last < -1:
+            raise ConfigError(
+                f"config.CHECKPOINT.KEEP_LAST={keep_last}: expected -1 (keep every checkpoint) or N >= 1 "
+                "(keep the newest N)."
+            )
+        if keep_best_mode not in ("auto", "max", "min"):
+            raise ConfigError(f"config.CHECKPOINT.KEEP_BEST_MODE={keep_best_mode!r}: expected auto, max or min.")
+        if keep_best_metric and not keep_best_metric.startswith("test_"):
+            raise ConfigError(
+                f"config.CHECKPOINT.KEEP_BEST_METRIC={keep_best_metric!r}: expected a test phase's value as "
+                "metrics.json names it, e.g. test_accuracy_list_meter.top_1.0 or test_loss."
+            )
         self.folder, self.epoch_frequency, self.iter_frequency = folder, epoch_frequency, iter_frequency
         self.keep_last, self.is_primary, self.config_yaml = keep_last, is_primary, config_yaml
+        self.latest_as_copy, self.export_safetensors = latest_as_copy, export_safetensors
+        self.metric = keep_best_metric
+        if keep_best_mode == "auto":
+            keep_best_mode = "min" if "loss" in keep_best_metric.rsplit(".", 1)[-1] else "max"
+        self.mode = keep_best_mode
+        self._test_values = test_values
+        self.best: float | None = None
+        self.best_epoch = -1
+        self._seen_phase: int | None = None  # the test phase last compared
 
-    def _save(self, name: str) -> None:
-        state = trainer_state(self.trainer, self.config_yaml)  # every rank: FSDP gathers, RNGs are gathered
+    def before_train(self) -> None:
+        if not self.metric or self._test_values is not None:
+            return
+        tests = [h for h in self.trainer.hooks if isinstance(h, _test_hook_class())]
+        if not tests:
+            raise ConfigError(
+                f"config.CHECKPOINT.KEEP_BEST_METRIC={self.metric!r} needs test phases: set config.TEST_MODEL=True "
+                "(and DATA.TEST), or KEEP_BEST_METRIC=''."
+            )
+        self._test_values = lambda: last_test_values(self.trainer)
+
+    def _save(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """Gather the state on every rank (FSDP gathers, RNGs are gathered); rank 0 writes ``name``."""
+        state = trainer_state(self.trainer, self.config_yaml)
+        path = None
         if self.is_primary:
-            save_checkpoint(self.folder, name, state, self.keep_last)
+            path = save_checkpoint(self.folder, name, state, self.keep_last, self.latest_as_copy)
+        return path, state
 
     def after_step(self) -> None:
         t = self.trainer
@@ -189,11 +291,68 @@ class CheckpointHook(HookBase):
         if self.iter_frequency > 0 and t.iteration % self.iter_frequency == 0 and not at_epoch_end:
             self._save(f"model_iteration{t.iteration}.torch")
 
+    def _new_best(self) -> bool:
+        """Whether this epoch's test phase gave the best value so far (records it). The test values
+        are reduced over ranks, so every rank decides alike."""
+        if not self.metric or self._test_values is None:
+            return False
+        latest = self._test_values()
+        if latest is None or latest[0] == self._seen_phase:
+            return False  # no test phase this epoch
+        self._seen_phase, values = latest
+        value = metric_value(values, self.metric)
+        if value is None:
+            raise ConfigError(
+                f"config.CHECKPOINT.KEEP_BEST_METRIC={self.metric!r} is not a value of the test phase: "
+                f"it has {', '.join(metric_names(values))}."
+            )
+        if math.isnan(value):
+            return False
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch = value, latest[0]
+        return better
+
     def after_epoch(self) -> None:
         t = self.trainer
         done = t.epoch
-        if done % self.epoch_frequency == 0 or t.iteration >= t.max_iterations:
-            self._save(f"model_phase{done - 1}.torch")
+        best = self._new_best()
+        final = t.iteration >= t.max_iterations
+        path, state = None, None
+        if done % self.epoch_frequency == 0 or final:
+            path, state = self._save(f"model_phase{done - 1}.torch")
+        if best:
+            if state is None:
+                state = trainer_state(self.trainer, self.config_yaml)
+            if self.is_primary:
+                save_best(self.folder, state if path is None else None, same_as=path)
+                logger.info("New best %s = %g (epoch %d): %s", self.metric, self.best, done - 1,
+                            os.path.join(self.folder, "model_best.torch"))  # fmt: skip
+        if final and self.export_safetensors and self.is_primary:
+            self._export(state)
+
+    def _export(self, state: dict[str, Any]) -> None:
+        """model_final.safetensors (+ .timm.json) from the final checkpoint's model state."""
+        from omegaconf import OmegaConf
+
+        from vissl_vit.export import EXPORT_STEM, export_weights, log_export
+
+        if not self.config_yaml:
+            logger.warning("No config given to the checkpoint hook: model_final.safetensors is not written.")
+            return
+        groups = state["classy_state_dict"]["base_model"]["model"]
+        ours = {f"{top}.{k}": v for top, group in groups.items() for k, v in group.items()}
+        cfg = OmegaConf.create(self.config_yaml).config
+        log_export(export_weights(ours, cfg, os.path.join(self.folder, f"{EXPORT_STEM}.safetensors")))
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.metric:
+            return {}
+        return {"metric": self.metric, "best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("metric") == self.metric:  # another metric starts its own comparison
+            self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
 # A stop signal that arrives while the run is still being built (data, model, resume), before

@@ -21,14 +21,23 @@ _SHOWN = 10  # paths named in a message or a warning
 
 @HOOKS.register("nan_loss_hook")
 class NanLossHook(HookBase):
-    """Raise TrainingError before the optimizer step when the step's loss or gradients are NaN or
-    infinite, so that the weights never take a non-finite update and no checkpoint holds one: the
-    newest checkpoint is the last good one, and resuming from it does not hit the NaN at once.
+    """Stop the run with a TrainingError when a step's loss or gradients are NaN or infinite; the
+    weights never take that step, and no checkpoint holds it: the newest checkpoint is the last
+    good one, and resuming from it does not hit the NaN at once.
 
     A finite loss can still give Inf/NaN gradients (an overflow in backward), so the total gradient
     norm is checked too: the one gradient clipping computed, else computed here once. Under float16
     AMP the GradScaler skips steps with Inf/NaN gradients by design (and lowers the scale), so only
-    the loss is checked then. The verdict is summed over ranks, so every rank stops at the same step.
+    the loss is checked then.
+
+    No host sync per step: before the optimizer step the verdict is computed on the device, the
+    trainer skips the update on the device where it is set (and every later step until the
+    verdict is read: :meth:`Trainer.skip_optimizer_step`), and the verdict goes with the step's
+    other scalars (:class:`StepScalars`), summed over ranks, to the next sync point (LOG_FREQUENCY
+    steps at most, or a checkpoint), where every rank raises, naming the first flagged step.
+    Each rank skips on its own verdict until then (DDP and FSDP give every rank the same gradients,
+    so their verdict on the gradients agrees; a loss non-finite on one rank only stops its own
+    updates): the ranks may differ until the sync, which comes before any checkpoint is written.
 
     Args:
         all_reduce: sums a tensor over ranks.
@@ -36,26 +45,36 @@ class NanLossHook(HookBase):
 
     def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum) -> None:
         self.all_reduce = all_reduce
+        # the steps since the last read: step -> (loss, total grad norm or None, lr), for the message
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
 
     def before_optimizer_step(self) -> None:
         t = self.trainer
         last = t.last
-        loss = last.loss
         check_grads = not t.scaler.is_enabled()
         if check_grads and last.grad_norm is None:
             last.grad_norm = t.total_grad_norm()
-        bad = [~torch.isfinite(loss).all()]
-        bad.append(~torch.isfinite(last.grad_norm).all() if check_grads else torch.zeros((), dtype=torch.bool))
-        flags = self.all_reduce(torch.stack([b.to(loss.device) for b in bad]).to(torch.float64))
-        loss_bad, grads_bad = (bool(f > 0) for f in flags.tolist())
-        if not (loss_bad or grads_bad):
+        loss = last.loss
+        grads_bad = ~torch.isfinite(last.grad_norm).all() if check_grads else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([~torch.isfinite(loss).all(), grads_bad.to(loss.device)])
+        t.skip_optimizer_step(flags.any())
+        t.scalars.add("nonfinite", flags, reducer=self.all_reduce, check=self._check)
+        self._steps[t.iteration + 1] = (loss, last.grad_norm if check_grads else None, last.lr)
+
+    def _check(self, rows: list[tuple[int, list[float]]]) -> None:
+        """At a sync point: raise for the first step whose loss or gradients were not finite on some rank."""
+        steps, self._steps = self._steps, {}
+        flagged = [(step, flags) for step, flags in rows if flags[0] > 0 or flags[1] > 0]
+        if not flagged:
             return
-        where = f"at iteration {t.iteration + 1} (epoch {t.epoch}, lr {last.lr:.4g})"
+        step, (loss_bad, _) = flagged[0]
+        loss, grad_norm, lr = steps[step]
+        epoch = (step - 1) // self.trainer.iterations_per_epoch
+        where = f"at iteration {step} (epoch {epoch}, lr {lr:.4g})"
         end = "Training stopped before the optimizer step; the newest checkpoint holds the last good weights."
-        if loss_bad:
-            value = loss.item()
+        if loss_bad > 0:
             what = (
-                f"The loss is {value}"
+                f"The loss is {loss.item()}"
                 if not torch.isfinite(loss).all()
                 else "The loss is not finite on another process"
             )
@@ -64,7 +83,7 @@ class NanLossHook(HookBase):
                 "config.MODEL.GRAD_CLIP.USE_GRAD_CLIP=True, or checking the data for bad values."
             )
         raise TrainingError(
-            f"The gradients are not finite (total norm {last.grad_norm.item()}) {where} although the loss is finite "
+            f"The gradients are not finite (total norm {grad_norm.item()}) {where} although the loss is finite "
             f"({loss.item():.4g}). {end} Usual fixes: a lower learning rate or a longer warm-up, gradient clipping "
             "(config.MODEL.GRAD_CLIP.USE_GRAD_CLIP=True) to keep the gradients from growing, or checking the data "
             "and the loss for extreme values."
@@ -153,6 +172,9 @@ class BadImageHook(HookBase):
     """Count the distinct unreadable training images (replaced by others in the dataset) over the
     whole run, resumes included (the set is in the checkpoint), and stop past a fraction.
 
+    Each step's count goes with the step scalars (:class:`StepScalars`), summed over ranks; the
+    paths are gathered and the limit checked at the sync point that reads it, when a rank met one.
+
     Args:
         dataset_len: images in the training set.
         max_fraction: the run stops when more than this fraction of them has failed.
@@ -169,6 +191,7 @@ class BadImageHook(HookBase):
     ) -> None:
         self.bad = BadImages("training", dataset_len, max_fraction)
         self.all_reduce, self.gather = all_reduce, gather
+        self._unread: list[dict[str, Any]] = []  # the steps' flags since the last read
 
     @property
     def count(self) -> int:
@@ -176,12 +199,25 @@ class BadImageHook(HookBase):
         return len(self.bad)
 
     def after_step(self) -> None:
-        found = bad_in_batches(m.batch for m in self.trainer.last.micro)
-        # one number per step tells whether any rank met a bad image; only then are the paths gathered
-        total = self.all_reduce(torch.tensor([float(len(found))], dtype=torch.float64, device=self.trainer.device))
-        if not total.item():
+        """File this step's count of unreadable images with the step scalars (no host read; the
+        paths are looked up at the next sync point, and only when some rank met one). A trainer
+        without step scalars (a bare stand-in) is checked at once."""
+        t = self.trainer
+        # the loader's flags and indices only: the images themselves are not kept until the read
+        self._unread.extend({k: m.batch[k] for k in ("bad", "index", "bad_path")} for m in t.last.micro)
+        count = torch.stack([m.batch["bad"].sum() for m in t.last.micro]).sum()
+        scalars = getattr(t, "scalars", None)
+        if scalars is None:
+            self._check([(0, [float(self.all_reduce(count.double().reshape(1)).sum())])])
+        else:
+            scalars.add("bad_images", count, reducer=self.all_reduce, check=self._check)
+
+    def _check(self, rows: list[tuple[int, list[float]]]) -> None:
+        """At a sync point: when any rank met unreadable images, unite the ranks' paths and check the limit."""
+        batches, self._unread = self._unread, []
+        if not any(values[0] for _, values in rows):
             return
-        for part in self.gather(found):
+        for part in self.gather(bad_in_batches(batches)):
             self.bad.update(part)
         self.bad.check()
 

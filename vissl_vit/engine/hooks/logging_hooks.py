@@ -9,6 +9,7 @@ from typing import Any
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.registry import HOOKS
+from vissl_vit.utils.distributed import get_world_size
 from vissl_vit.utils.logging import JsonLinesWriter
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ class LogHook(HookBase):
     stdout.json fields: iteration (completed steps), epoch, loss (this step's), lr, images_per_sec
     (since the previous line, this process x world size), eta_seconds, time (unix seconds). The
     loss is the mean over ranks, so it does not depend on how the global batch is split.
+
+    The loss of a step to log is filed with the step scalars (:class:`StepScalars`) and read at
+    the step's sync point with the other scalars: no host sync or collective of its own.
 
     Args:
         log_frequency: steps between lines.
@@ -44,13 +48,23 @@ class LogHook(HookBase):
         # images/s measures training only: restart the window after the test phase
         self._t0, self._images = time.perf_counter(), 0
 
+    def _logs(self, step: int) -> bool:
+        return step % self.log_frequency == 0 or step == self.trainer.max_iterations
+
+    def before_optimizer_step(self) -> None:
+        t = self.trainer
+        if self._logs(t.iteration + 1):
+            # every rank takes part: the logged loss is the global batch's, whatever the world size
+            t.scalars.add("loss", t.last.loss, reducer=self.all_reduce)
+
     def after_step(self) -> None:
         t = self.trainer
         self._images += t.last.batch_size * self.world_size
-        if t.iteration % self.log_frequency and t.iteration != t.max_iterations:
+        if not self._logs(t.iteration):
             return
-        # every rank takes part: the logged loss is the global batch's, whatever the world size
-        loss = (self.all_reduce(t.last.loss.double().reshape(1)) / self.world_size).item()
+        if t.scalars.has_pending("loss"):  # not when the trainer read them at this step (sync_every = log_frequency)
+            t.sync()
+        loss = t.scalars.latest("loss")[0] / self.world_size
         now = time.perf_counter()
         ips = self._images / max(now - self._t0, 1e-9)
         per_iter = (now - self._start_t) / max(t.iteration - self._start_it, 1)
@@ -105,9 +119,10 @@ class ProgressBarHook(HookBase):
         self._n += t.last.batch_size
         if t.iteration % self.log_frequency == 0:
             now = time.perf_counter()
+            loss = t.scalars.latest("loss")  # the log hook's, read at this step: no host sync of its own
             self.bar.set_postfix(
                 epoch=t.epoch,
-                loss=f"{t.last.loss.item():.4f}",
+                loss=f"{loss[0] / get_world_size():.4f}" if loss else "-",
                 lr=f"{t.last.lr:.3g}",
                 img_s=f"{self._n / max(now - self._t, 1e-9):.0f}",
             )

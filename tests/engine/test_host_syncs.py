@@ -1,0 +1,316 @@
+"""Host syncs and collectives per training step (issue 13): the step's scalars (the NaN verdict,
+the unreadable-image count, the logged loss) are reduced together and read by the host once per
+sync interval (LOG_FREQUENCY), as timm and DINO do, not every step.
+
+There is no GPU here (torch.cuda.set_sync_debug_mode is CUDA-only), so the host reads are counted
+by wrapping the Tensor methods that wait for a device (item, tolist, cpu, numpy, bool/float/int
+conversion), and the collectives by wrapping torch.distributed's, on a real one-process gloo group
+(the engine's collectives then run as on many). Reads made while loading data are not counted:
+they run in the loader's workers, on the CPU, in a real run.
+
+Measured on the toy trainer below (the engine's per-step hooks, the preemption flag reduced as on
+several processes). Before: every step 5 reads, 3 of them of device tensors (the NaN verdict, the
+bad-image count, the train meter's loss) and 2 of CPU tensors (the loader's bad flags, the
+preemption flag), and 3 collectives (NaN verdict, bad-image count, preemption flag); a log step 1
+read and 1 collective more. Now: a step between sync points makes 1 read and 1 collective, both
+the preemption hook's CPU flag (checkpoint_hook.py, not yet folded in), none of the device; a sync
+step adds 1 read and 1 collective for all the step scalars of the interval together.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vissl_vit import compose_config, run_train_engine
+from vissl_vit.engine import trainer as trainer_module
+from vissl_vit.engine.hooks import (
+    BadImageHook,
+    CheckpointHook,
+    HookBase,
+    LogHook,
+    NanLossHook,
+    PreemptionHook,
+    TrainMeterHook,
+)
+from vissl_vit.engine.hooks.phases import PhaseWriter
+from vissl_vit.engine.trainer import Trainer
+from vissl_vit.errors import TrainingError
+from vissl_vit.utils.distributed import all_reduce_sum
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "barrier")
+# frames of data loading: in a real run they are the loader workers', on the CPU
+_DATA = (os.sep + os.path.join("torch", "utils", "data"), os.sep + os.path.join("vissl_vit", "data"), "torchvision")
+
+
+def _caller() -> str:
+    """``file:line`` of the vissl_vit code that made the current call (vissl_vit/utils' helpers such
+    as all_reduce_sum are looked through), "torch.optim" inside an optimizer's own step, "data"
+    inside data loading."""
+    f, site = sys._getframe(2), ""
+    while f is not None:
+        name = f.f_code.co_filename
+        if any(d in name for d in _DATA):
+            return "data"
+        if not site and os.sep + os.path.join("torch", "optim") + os.sep in name:
+            site = "torch.optim"
+        if not site and os.sep + "vissl_vit" + os.sep in name and os.sep + "utils" + os.sep not in name:
+            site = f"{os.path.basename(name)}:{f.f_lineno}"
+        f = f.f_back
+    return site or "other"
+
+
+def _site(module, text: str) -> str:
+    """``file:line`` of the (first) line of ``module`` where ``text`` (maybe several lines) starts."""
+    source = open(module.__file__).read()
+    return f"{os.path.basename(module.__file__)}:{source[: source.index(text)].count(chr(10)) + 1}"
+
+
+class _Count:
+    """Host reads and collectives, by call site (``file:line`` of the vissl_vit code that made them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: Counter = Counter()
+        self.collectives: Counter = Counter()
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), self.reads))
+        for name in COLLECTIVES:
+            monkeypatch.setattr(dist, name, self._wrap(getattr(dist, name), self.collectives))
+
+    @staticmethod
+    def _wrap(fn, counter: Counter):  # noqa: ANN001, ANN205
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            site = _caller()
+            if site != "data":
+                counter[site] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+class _Probe(HookBase):
+    """Records the counters at every before_step: step i's counts are the difference to step i+1's."""
+
+    def __init__(self, count: _Count) -> None:
+        self.count, self.marks = count, []
+
+    def before_step(self) -> None:
+        self.marks.append((Counter(self.count.reads), Counter(self.count.collectives)))
+
+    def per_step(self) -> list[tuple[Counter, Counter]]:
+        """(reads, collectives) of each step but the last (1-based step i at index i - 1)."""
+        return [(r1 - r0, c1 - c0) for (r0, c0), (r1, c1) in zip(self.marks, self.marks[1:])]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real gloo group of one process: the engine's collectives run (and are counted) as on many."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class _Sampler:
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def set_start_iteration(self, it: int) -> None: ...
+
+
+class _Loader:
+    """Eight batches of a regression, with the dataset's unreadable-image fields (none unreadable)."""
+
+    def __init__(self, bad_at: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.batches = []
+        for i in range(8):
+            index = torch.arange(4 * i, 4 * i + 4)
+            bad = torch.zeros(4, dtype=torch.long)
+            if i == bad_at:
+                bad[1] = 1
+            paths = [f"/d/{j}.jpg" if b else "" for j, b in zip(index.tolist(), bad.tolist())]
+            x, y = torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+            self.batches.append({"data": x, "label": y, "index": index, "bad": bad, "bad_path": paths})
+        self.sampler = _Sampler()
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _Toy(nn.Module):
+    """A linear regression named as the checkpoint expects (trunk.*)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+
+def _toy_trainer(loader: _Loader, sync_every: int = 4, amp_dtype: torch.dtype | None = None) -> Trainer:
+    torch.manual_seed(0)
+    model = _Toy()
+    return Trainer(
+        model,
+        nn.MSELoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        lambda where: 0.1,
+        loader,
+        iterations_per_epoch=8,
+        max_iterations=8,
+        update_interval="step",
+        device=torch.device("cpu"),
+        sync_every=sync_every,
+        amp_dtype=amp_dtype,
+    )
+
+
+def _toy_run(tmp_path, count: _Count, loader: _Loader, sync_every: int = 4) -> tuple[Trainer, _Probe]:
+    """8 steps of a toy trainer with the engine's per-step hooks, in build_hooks' order."""
+    trainer = _toy_trainer(loader, sync_every)
+    checkpoint = CheckpointHook(str(tmp_path), epoch_frequency=1, iter_frequency=-1, keep_last=1, is_primary=False)
+    probe = _Probe(count)
+    trainer.register_hooks(
+        [
+            probe,
+            NanLossHook(all_reduce_sum),
+            BadImageHook(32, 0.5, all_reduce=all_reduce_sum),
+            TrainMeterHook(None, PhaseWriter(None, None, "meter"), all_reduce_sum),
+            LogHook(sync_every, None, None, 1, all_reduce_sum),
+            checkpoint,
+            # world_size=2: its flag is all-reduced every step, as on several processes
+            PreemptionHook(checkpoint, all_reduce_sum, world_size=2),
+        ]
+    )
+    trainer.train()
+    return trainer, probe
+
+
+def _engine_sites(counter: Counter) -> Counter:
+    """The counts of the engine's code but the preemption hook's CPU flag (checkpoint_hook.py) and
+    torch's optimizers (non-fused AdamW on the CPU reads its CPU step counters; on CUDA the engine's
+    SGD/Adam/AdamW are fused and read none)."""
+    return Counter({k: v for k, v in counter.items() if not k.startswith("checkpoint_hook.py") and k != "torch.optim"})
+
+
+# at most what this change achieved: on a step between sync points, no read and no collective of the
+# engine's step scalars; on a sync step, one of each (all the scalars together)
+BETWEEN_SYNCS, AT_SYNC = (0, 0), (1, 1)
+# the preemption hook (checkpoint_hook.py) still reads and all-reduces its CPU flag every step
+PREEMPTION_PER_STEP = (1, 1)
+
+
+def test_the_step_scalars_are_read_and_reduced_once_per_sync_interval(tmp_path, monkeypatch, one_process_group):
+    count = _Count(monkeypatch)
+    trainer, probe = _toy_run(tmp_path, count, _Loader())
+    assert trainer.iteration == 8
+    steps = probe.per_step()  # steps 1..7 (step 8 ends the epoch)
+    for i, (reads, collectives) in enumerate(steps, start=1):
+        engine = (sum(_engine_sites(reads).values()), sum(_engine_sites(collectives).values()))
+        want = AT_SYNC if i % 4 == 0 else BETWEEN_SYNCS
+        assert engine[0] <= want[0] and engine[1] <= want[1], (i, reads, collectives)
+        rest = (sum(reads.values()) - engine[0], sum(collectives.values()) - engine[1])
+        assert rest[0] <= PREEMPTION_PER_STEP[0] and rest[1] <= PREEMPTION_PER_STEP[1], (i, reads, collectives)
+    assert sum(sum(_engine_sites(r).values()) for r, _ in steps) == 1  # one sync step (4) among steps 1..7
+
+
+@pytest.mark.parametrize("amp", [None, torch.float16], ids=["fp32", "fp16-grad-scaler"])
+def test_a_nan_step_between_sync_points_is_skipped_on_the_device_and_raises_at_the_sync(monkeypatch, amp):
+    count = _Count(monkeypatch)
+    loader = _Loader()
+    loader.batches[1]["label"][0] = float("nan")  # step 2's loss
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class _Weights(HookBase):
+        def after_step(self) -> None:
+            seen[self.trainer.iteration] = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+
+    trainer = _toy_trainer(loader, sync_every=4, amp_dtype=amp)  # fp16: the flag joins the GradScaler's
+    trainer.register_hooks([NanLossHook(), _Weights()])
+    with pytest.raises(TrainingError, match=r"^The loss is nan at iteration 2 \(epoch 0, lr 0\.1\)"):
+        trainer.train()
+    # steps 2 and 3 ran on without a host read, and the weights took neither (the skip holds until
+    # the sync): they are step 1's; step 4's sync raised before its after_step
+    assert sorted(seen) == [1, 2, 3]
+    assert all(torch.equal(seen[1][k], v) for k, v in seen[3].items())
+    assert all(torch.equal(seen[1][k], v) for k, v in trainer.model.state_dict().items())
+    # one read for the 4 steps' scalars (the message's own loss value is read after the verdict)
+    assert count.reads[_site(trainer_module, "flat = torch.cat(parts).tolist()")] == 1
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["restored", "fused-found_inf"])
+def test_a_flagged_step_leaves_the_weights_as_before(fused):
+    # the two device-side skips against a plain optimizer that never saw the flagged step (step 1)
+    torch.manual_seed(0)
+    model, ref = nn.Linear(3, 1), nn.Linear(3, 1)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    trainer = Trainer(model, nn.MSELoss(), opt, lambda w: 0.1, _Loader(), 8, 8, "step", torch.device("cpu"))
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    # restored: the weights are put back, the optimizer state is not (the run raises at the sync);
+    # fused: the kernel skips the moments and the step count too, so later steps match as well
+    for step in range(3 if fused else 2):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        flagged = step == 1
+        if flagged:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        else:
+            ref_opt.step()
+        trainer.skip_optimizer_step(torch.tensor(flagged))
+        trainer._optimizer_step()
+        trainer.sync()  # clears the flag (nothing was filed: no guard here)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q), step
+    if fused:
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"])
+            assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 2
+
+
+def test_unreadable_images_are_looked_up_at_the_sync_point(tmp_path, monkeypatch, one_process_group):
+    count = _Count(monkeypatch)
+    seen: list[int] = []
+
+    class _BadCount(HookBase):  # what the bad-image hook knows after each step
+        def after_step(self) -> None:
+            seen.append(next(h for h in self.trainer.hooks if isinstance(h, BadImageHook)).count)
+
+    trainer = _toy_trainer(_Loader(bad_at=1))  # step 2 meets image 5; the sync of step 4 reads it
+    trainer.register_hooks([BadImageHook(32, 0.5, all_reduce=all_reduce_sum), _BadCount()])
+    trainer.train()
+    assert seen == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert trainer.hooks[0].bad.paths == {5: "/d/5.jpg"}
+    # the paths are gathered once, at that sync, and only because a rank met one
+    assert sum(n for site, n in count.collectives.items() if site.startswith("guards.py")) == 1
+
+
+def test_a_real_run_reads_the_host_once_per_log_interval(tmp_path, monkeypatch, one_process_group):
+    # the quick config through the Python API, without a meter (the accuracy meter reads its own counts)
+    overrides = [
+        "config=test/quick_vit",
+        "config.LOG_FREQUENCY=4",
+        "config.METERS.name=",
+        "config.TEST_MODEL=False",
+        "config.OPTIMIZER.num_epochs=1",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",  # 8 steps
+        f"config.CHECKPOINT.DIR={tmp_path / 'run'}",
+    ]
+    count = _Count(monkeypatch)
+    probe = _Probe(count)
+    trainer = run_train_engine(compose_config(overrides), extra_hooks=[probe])
+    assert trainer.iteration == 8
+    for i, (reads, collectives) in enumerate(probe.per_step(), start=1):
+        engine = sum(_engine_sites(reads).values())
+        want = AT_SYNC if i % 4 == 0 else BETWEEN_SYNCS
+        assert engine <= want[0] and sum(collectives.values()) <= want[1], (i, reads, collectives)
+        assert sum(n for site, n in reads.items() if site.startswith("checkpoint_hook")) <= PREEMPTION_PER_STEP[0]
