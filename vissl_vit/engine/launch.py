@@ -51,7 +51,7 @@ from vissl_vit.config import compose_config
 from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption, early_preemption
 from vissl_vit.engine.run_lock import lock_run_folder
 from vissl_vit.errors import ConfigError, UserError
-from vissl_vit.utils.cli import cli_main
+from vissl_vit.utils.cli import cli_main, exit_status, usage_status
 
 logger = logging.getLogger(__name__)
 
@@ -512,8 +512,8 @@ def launch(cfg_root: DictConfig, early_signals: list[int] | tuple[int, ...] = ()
         if world > 1 and early_preemption():
             print(f"vissl_vit: received {early_preemption()} before the workers started: nothing was started.")
             return
-        if world == 1:
-            run_worker(cfg_root, WorkerInfo(0, 0, 1, 1, init, backend, "spawn"))
+        if world == 1:  # in this process; run_worker adds nothing for one worker (the lock is held above)
+            _engine(cfg.ENGINE_NAME)(cfg_root)
         else:
             _spawn_and_supervise(cfg_root, world, init, backend)
     finally:
@@ -537,8 +537,14 @@ def main(argv: list[str] | None = None, early_signals: list[int] | None = None) 
     if "--print-config" in argv:
         args = [a for a in argv if a != "--print-config"]
         return cli_main(lambda a: print(describe_config(compose_config(a))), args, USAGE)
-    run = lambda args: launch(compose_config(args), early_signals or ())  # noqa: E731
-    return cli_main(run, argv, USAGE)
+    code = usage_status(argv, USAGE)
+    if code is not None:
+        return code
+    # the run itself is called from here, not through cli_main, so that the path from the command
+    # line to the model stays main -> launch -> engine -> Trainer.train -> step -> model (issue 13)
+    with exit_status() as status:
+        launch(compose_config(argv), early_signals or ())
+    return status.code
 
 
 def describe_config(cfg_root: DictConfig) -> str:

@@ -2,28 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
-def cli_main(run: Callable[[list[str]], object], argv: list[str], usage: str) -> int:
-    """Run ``run(argv)``; print usage for no arguments or -h; a UserError is one line on stderr
-    and exit status 2; Ctrl-C says how to resume. Returns the exit status."""
+@dataclass
+class ExitStatus:
+    """What :func:`exit_status` sets: 0, 2 after a user error, 130 after Ctrl-C."""
+
+    code: int = 0
+
+
+@contextlib.contextmanager
+def exit_status() -> Iterator[ExitStatus]:
+    """Run the block as a command line runs: a UserError is one line on stderr and status 2 (no
+    traceback); Ctrl-C says how to resume and is status 130. Any other error propagates (a bug:
+    its traceback is wanted). A context manager rather than a wrapper function, so that the
+    command line's call path to the engine stays short (no frame of its own)."""
     from vissl_vit.errors import UserError
 
+    status = ExitStatus()
+    try:
+        yield status
+    except UserError as e:
+        print(f"vissl_vit: error: {e}", file=sys.stderr)
+        status.code = 2
+    except KeyboardInterrupt:
+        print("vissl_vit: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+        status.code = 130
+
+
+def usage_status(argv: list[str], usage: str) -> int | None:
+    """For no arguments or -h / --help: print ``usage`` and return the exit status (2 for none, 0
+    for help); None otherwise."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
-    try:
+    return None
+
+
+def cli_main(run: Callable[[list[str]], object], argv: list[str], usage: str) -> int:
+    """Run ``run(argv)`` under :func:`exit_status`, or print usage (:func:`usage_status`). Returns
+    the exit status."""
+    code = usage_status(argv, usage)
+    if code is not None:
+        return code
+    with exit_status() as status:
         run(argv)
-    except UserError as e:
-        print(f"vissl_vit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vissl_vit: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
-        return 130
-    return 0
+    return status.code
 
 
 def split_options(

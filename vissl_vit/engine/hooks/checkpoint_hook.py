@@ -392,8 +392,16 @@ class PreemptionHook(HookBase):
     """On SIGTERM or SIGUSR1 (cluster preemption): finish the current step, write a checkpoint
     on every rank's behalf, and stop; rerunning the same command resumes from it.
 
-    The ranks agree on the stop (the flag is all-reduced after each step), so they all stop after
-    the same step even if the signal reached them at different times.
+    One process stops after the step in which the signal came (its flag is a Python bool: reading
+    it costs nothing). Several processes must agree on the step they stop after, even when the
+    signal reached them at different times: each files its flag with the step scalars
+    (:class:`~vissl_vit.engine.trainer.StepScalars`), which are reduced together with the NaN
+    verdict and the bad-image count at the next sync point (every LOG_FREQUENCY steps, an epoch's
+    end), so the stop costs no collective of its own. They all stop after that sync step: at most
+    LOG_FREQUENCY - 1 steps after the signal, which must fit in the scheduler's grace period (on
+    SLURM, the time between SIGTERM and SIGKILL, often 30-120 s). The check only records the
+    verdict; the checkpoint is written in ``after_step``, outside the sync (a sync may run inside
+    a checkpoint's ``state_dict``).
 
     Args:
         checkpoint_hook: writes the checkpoint.
@@ -405,7 +413,8 @@ class PreemptionHook(HookBase):
 
     def __init__(self, checkpoint_hook: CheckpointHook, all_reduce: Any, world_size: int) -> None:
         self.checkpoint_hook, self.all_reduce, self.world_size = checkpoint_hook, all_reduce, world_size
-        self.requested = False
+        self.requested = False  # a signal came to this process
+        self._stop = False  # the ranks agreed to stop (several processes)
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, _frame: Any) -> None:
@@ -430,11 +439,19 @@ class PreemptionHook(HookBase):
         for s, h in self._previous.items():
             signal.signal(s, h)
 
+    def _agree(self, rows: list[tuple[int, list[float]]]) -> None:
+        """The step scalars' check: some rank was asked to stop by one of the steps read."""
+        if any(values[0] > 0 for _, values in rows):
+            self._stop = True
+
+    def before_optimizer_step(self) -> None:
+        if self.world_size > 1:  # filed with the step's scalars; read at the next sync point
+            t = self.trainer
+            flag = torch.full((1,), float(self.requested), dtype=torch.float64, device=t.scalars.device)
+            t.scalars.add("preempt", flag, reducer=self.all_reduce, check=self._agree)
+
     def after_step(self) -> None:
-        flag = torch.tensor([float(self.requested)], dtype=torch.float64)
-        if self.world_size > 1:
-            flag = self.all_reduce(flag)
-        if flag.item() > 0:
+        if self._stop if self.world_size > 1 else self.requested:
             t = self.trainer
             self.checkpoint_hook._save(f"model_iteration{t.iteration}.torch")
             raise Preempted(f"preempted at iteration {t.iteration}: checkpoint written; rerun to resume")
