@@ -208,6 +208,17 @@ def test_heads():
     assert LinearEvalMLP(in_channels=32, dims=[32, 10])(x.view(4, 32, 1, 1)).shape == (4, 10)
 
 
+def test_the_pre_logits_layer_starts_as_flax_dense_lecun_normal():
+    # big_vision's pre_logits is a Flax Dense: lecun normal = a normal truncated at 2 sd, widened by
+    # 1/0.87962566 so that its sd is sqrt(1/fan_in); bias 0
+    torch.manual_seed(0)
+    w = VisionTransformerHead(in_plane=384, num_classes=10, hidden_dim=384).layers.pre_logits.weight.detach()
+    sd = (1 / 384) ** 0.5
+    assert abs(w.std().item() / sd - 1) < 0.01  # 147k draws: the sd's relative noise is ~0.2%
+    assert w.abs().max().item() <= 2 * sd / 0.87962566103423978 + 1e-7  # truncated at 2 of its own sd
+    assert w.abs().max().item() > 0.99 * 2 * sd / 0.87962566103423978
+
+
 def test_registry_lookup_lists_known_names():
     assert {"mlp", "vision_transformer_head", "eval_mlp"} <= set(HEADS.names())
     with pytest.raises(

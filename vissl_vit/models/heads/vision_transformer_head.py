@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from timm.layers import lecun_normal_
 from torch import nn
 
 from vissl_vit.registry import HEADS
@@ -37,7 +38,10 @@ class VisionTransformerHead(nn.Module):
         layers.append(("head", nn.Linear(width, num_classes)))
         self.layers = nn.Sequential(OrderedDict(layers))
         if hidden_dim:
-            nn.init.trunc_normal_(self.layers.pre_logits.weight, std=(1.0 / in_plane) ** 0.5)  # lecun normal
+            # Flax Dense's default, as big_vision's pre_logits has it: lecun normal, a normal truncated
+            # at 2 sd and widened so that its sd is sqrt(1/in_plane) (timm's lecun_normal_); torch's
+            # trunc_normal_(std=...) truncates at +-2 absolute, i.e. not at all at this scale
+            lecun_normal_(self.layers.pre_logits.weight)
             nn.init.zeros_(self.layers.pre_logits.bias)
         if weight_init not in ("zeros", "suo"):
             raise ValueError(f"vision_transformer_head weight_init='{weight_init}': expected zeros or suo")
