@@ -52,7 +52,9 @@ setup(
         "faiss-cpu>=1.7",
         "safetensors>=0.4",
     ],
-    extras_require={"test": TEST_REQUIRES, "dev": TEST_REQUIRES + ["ruff"]},
+    # parity: TensorFlow, for the optional tests of big_vision's crop, resize and RandAugment against
+    # TensorFlow's own ops (skipped without it)
+    extras_require={"test": TEST_REQUIRES, "dev": TEST_REQUIRES + ["ruff"], "parity": ["tensorflow-cpu"]},
     entry_points={"console_scripts": ["vissl-vit-train=vissl_vit.engine.launch:main"]},
     cmdclass={"build_py": BuildWithResources},
 )

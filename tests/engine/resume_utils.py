@@ -52,6 +52,7 @@ TWO_PROC_ARGS = [
     "config.DATA.SYNTHETIC.NUM_IMAGES=160",
     "config.OPTIMIZER.num_epochs=5",
     "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+    "config.LOG_ALL_RANKS=True",  # the tests read rank 1's lines too
 ]
 
 

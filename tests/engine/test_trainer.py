@@ -25,6 +25,8 @@ from vissl_vit.engine.hooks import (
     TrainMeterHook,
     build_hooks,
 )
+from vissl_vit.engine.hooks.loggers import CsvLoggerHook
+from vissl_vit.engine.hooks.logging_hooks import EnvironmentHook, EpochSummaryHook
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.engine.trainer import Trainer, resume_iteration
 from vissl_vit.errors import ConfigError
@@ -260,10 +262,20 @@ def test_user_hooks_by_name_and_from_python_are_called_before_the_checkpoint(tmp
     from_python = _Recorder("py", [])
     hooks = build_hooks(cfg, _context(tmp_path), trainer.model, extra_hooks=[from_python])
     kinds = [type(h) for h in hooks]
-    assert kinds == [NanLossHook, TrainMeterHook, LogHook, _Counter, _Recorder, CheckpointHook, PreemptionHook]
+    loggers = [EnvironmentHook, EpochSummaryHook, CsvLoggerHook]  # rank 0's (the context is primary)
+    assert kinds == [
+        NanLossHook,
+        TrainMeterHook,
+        LogHook,
+        *loggers,
+        _Counter,
+        _Recorder,
+        CheckpointHook,
+        PreemptionHook,
+    ]
     trainer.register_hooks(hooks)
     trainer.train()
-    assert hooks[3].steps == 14  # its kwargs reached it: 10 + 4 steps
+    assert hooks[kinds.index(_Counter)].steps == 14  # its kwargs reached it: 10 + 4 steps
     assert [e for _, e, _ in from_python.calls].count("after_step") == 4
 
 

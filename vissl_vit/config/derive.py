@@ -110,7 +110,7 @@ def auto_scaled_schedule(spec: dict[str, Any], cfg: DictConfig, where: str) -> t
 
     The schedule is set from ``scaled = base_value x lr_scale_factor(cfg)``; the written values only
     give its shape:
-      constant: value = scaled;  linear: end_value = scaled;
+      constant, big_vision: value = scaled;  linear: end_value = scaled;
       cosine: start_value = scaled, end_value = scaled x end_value / start_value;
       multistep: gamma = round(values[1] / values[0], 6), values[i] = round(scaled x gamma^i, 8);
       composite: each sub-schedule as above, then each linear sub-schedule (a warm-up) starts at
@@ -145,7 +145,7 @@ def _scale(
     """One level of :func:`auto_scaled_schedule` (recursive for composite)."""
     out = dict(spec)
     name = spec["name"]
-    if name == "constant":
+    if name in ("constant", "big_vision"):
         out["value"] = scaled
     elif name == "linear":
         out["end_value"] = scaled
@@ -204,20 +204,88 @@ def check_schedule_epochs(spec: dict[str, Any], num_epochs: int, where: str) -> 
         check_schedule_epochs(sub, num_epochs, f"{where}.schedulers[{i}]")
 
 
-def weight_decay_spec(cfg: DictConfig) -> dict[str, Any]:
+def weight_decay_spec(cfg: DictConfig, num_epochs: int | None = None) -> dict[str, Any]:
     """The weight-decay schedule's spec: ``OPTIMIZER.param_schedulers.weight_decay``, or a constant
     ``OPTIMIZER.weight_decay`` when its name is ``none`` (the default: weight decay as before).
 
     Args:
         cfg: the ``config`` node.
+        num_epochs: the run's epochs (derived from a step budget); None for ``OPTIMIZER.num_epochs``.
     """
     where = "config.OPTIMIZER.param_schedulers.weight_decay"
     sched = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.weight_decay, resolve=True)
     if sched["name"] == "none":
         return {"name": "constant", "value": cfg.OPTIMIZER.weight_decay}
     spec = schedule_spec(sched, where)
-    check_schedule_epochs(spec, cfg.OPTIMIZER.num_epochs, where)
+    check_schedule_epochs(spec, cfg.OPTIMIZER.num_epochs if num_epochs is None else num_epochs, where)
     return spec
+
+
+def check_schedule_steps(spec: dict[str, Any], max_iterations: int, where: str) -> None:
+    """A ``big_vision`` schedule (which counts in steps) fits the run: see
+    ``optim.schedulers.check_big_vision_schedule``; recursive for composite.
+
+    Args:
+        spec: a schedule spec from :func:`schedule_spec`.
+        max_iterations: the run's optimizer steps.
+        where: the spec's config key, for messages.
+    """
+    from vissl_vit.optim.schedulers import check_big_vision_schedule
+
+    if spec["name"] == "big_vision":
+        check_big_vision_schedule(spec["warmup_steps"], spec["decay_type"], max_iterations, where)
+    for i, sub in enumerate(spec.get("schedulers", [])):
+        check_schedule_steps(sub, max_iterations, f"{where}.schedulers[{i}]")
+
+
+EPOCHS_TO_STEPS = ("loader", "big_vision")
+
+
+def step_budget(cfg: DictConfig, train_dataset_size: int, global_batch: int, iters: int) -> tuple[int, int, str]:
+    """The run's optimizer steps and epochs, and a note to log when they were not given as epochs.
+
+    Three ways, by config:
+      - ``OPTIMIZER.num_train_steps`` > 0: that many steps (big_vision's ``total_steps``); the
+        epochs are ``ceil(steps / iterations per epoch)``, the last one cut short.
+      - else ``OPTIMIZER.epochs_to_steps: big_vision``: ``max(1, round(num_epochs x N / global
+        batch))`` steps, big_vision's ``utils.py::steps`` over its infinite iterator (N the training
+        images: 111,477 for 90 epochs of 1,268,355 at 1024), epochs derived as above;
+      - else (``loader``, the default, VISSL's way): ``num_epochs x iterations per epoch``.
+
+    Args:
+        cfg: the ``config`` node.
+        train_dataset_size: N, the training images.
+        global_batch: images per optimizer step.
+        iters: the loader's optimizer steps per epoch.
+    """
+    o = cfg.OPTIMIZER
+    steps = o.get("num_train_steps", 0) or 0
+    mode = o.get("epochs_to_steps", "loader")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(
+            f"config.OPTIMIZER.num_train_steps={steps!r}: expected a whole number of optimizer steps (0: use num_epochs)."
+        )
+    if mode not in EPOCHS_TO_STEPS:
+        raise ConfigError(f"config.OPTIMIZER.epochs_to_steps='{mode}': expected one of {', '.join(EPOCHS_TO_STEPS)}.")
+    if steps == 0 and mode == "loader":
+        return iters * o.num_epochs, o.num_epochs, ""
+    if steps:
+        how = f"config.OPTIMIZER.num_train_steps={steps}"
+    else:
+        steps = max(1, round(o.num_epochs * train_dataset_size / global_batch))
+        how = (
+            f"config.OPTIMIZER.epochs_to_steps=big_vision: max(1, round({o.num_epochs} epochs x {train_dataset_size} "
+            f"images / {global_batch})) = {steps} steps"
+        )
+    epochs = math.ceil(steps / iters) if iters else 0
+    note = (
+        f"{how}; the schedules run over these {steps} steps; {epochs} epochs of {iters} steps "
+        f"(ceil), the last {'one cut short' if iters and steps % iters else 'one whole'}; "
+        "config.OPTIMIZER.num_epochs is not the length"
+        if steps != iters * o.num_epochs
+        else f"{how} = {o.num_epochs} epochs of {iters} steps"
+    )
+    return steps, epochs, note
 
 
 def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues:
@@ -253,25 +321,30 @@ def derive_run_values(cfg: DictConfig, train_dataset_size: int) -> DerivedValues
             "steps) with DROP_LAST=True: "
             "lower the batch size or set DROP_LAST=False."
         )
+    max_iterations, num_epochs, budget_note = step_budget(cfg, train_dataset_size, global_batch, iters)
     lr_cfg = OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True)
     spec = schedule_spec(lr_cfg, "config.OPTIMIZER.param_schedulers.lr")
-    check_schedule_epochs(spec, cfg.OPTIMIZER.num_epochs, "config.OPTIMIZER.param_schedulers.lr")
+    check_schedule_epochs(spec, num_epochs, "config.OPTIMIZER.param_schedulers.lr")
+    check_schedule_steps(spec, max_iterations, "config.OPTIMIZER.param_schedulers.lr")
     auto = lr_cfg["auto_lr_scaling"]
     factor = lr_scale_factor(cfg)
     spec, notes = auto_scaled_schedule(spec, cfg, "config.OPTIMIZER.param_schedulers.lr")
-    wd_spec = weight_decay_spec(cfg)
+    wd_spec = weight_decay_spec(cfg, num_epochs)
+    check_schedule_steps(wd_spec, max_iterations, "config.OPTIMIZER.param_schedulers.weight_decay")
     derived = DerivedValues(
         world_size=world,
         global_batch_size=global_batch,
         grad_accumulation_steps=accum,
         train_dataset_size=train_dataset_size,
         iterations_per_epoch=iters,
-        max_iterations=iters * cfg.OPTIMIZER.num_epochs,
-        num_epochs=cfg.OPTIMIZER.num_epochs,
+        max_iterations=max_iterations,
+        num_epochs=num_epochs,
         lr_scale_factor=factor,
         lr_schedule=spec,
         weight_decay_schedule=wd_spec,
     )
+    if budget_note:
+        logger.info("Training length: %s", budget_note)
     logger.info(
         "Derived: world size %d, global batch %d (%d per replica), %d training images, %d iterations/epoch, "
         "%d iterations in all",
@@ -386,6 +459,10 @@ def _auto_slots(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
         params = cfg.DATA[split].COLLATE_FUNCTION_PARAMS
         if params.get("num_classes") == AUTO:
             slots.append((f"config.DATA.{split}.COLLATE_FUNCTION_PARAMS.num_classes", params, "num_classes"))
+    mixup = cfg.DATA.TRAIN.get("DEVICE_MIXUP")
+    # only when on: a run without it (self-supervised data without labels) need not know its classes
+    if mixup is not None and mixup.get("p", 0) and mixup.get("num_classes") == AUTO:
+        slots.append(("config.DATA.TRAIN.DEVICE_MIXUP.num_classes", mixup, "num_classes"))
     return slots
 
 
@@ -488,8 +565,9 @@ def resolve_data(cfg: DictConfig) -> list[str]:
          images reads those val folders too in a run with a test phase, and is an error when there
          are none: a test phase on random images would report a meaningless accuracy, silently.
       3. "auto" as a class count (vision_transformer_head's num_classes, the last of mlp's and
-         eval_mlp's dims, cutmixup_collator's num_classes) becomes the training set's number of
-         classes (the test set's without training data): ``class_count``.
+         eval_mlp's dims, cutmixup_collator's num_classes, DATA.TRAIN.DEVICE_MIXUP's when p > 0)
+         becomes the training set's number of classes (the test set's without training data):
+         ``class_count``.
 
     Args:
         cfg: the ``config`` node, not yet read-only.

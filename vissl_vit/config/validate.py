@@ -20,6 +20,7 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "config.MODEL.TRUNK.VISION_TRANSFORMERS.QK_SCALE": (bool, float, int),
     "config.MODEL.GRAD_CLIP.NORM_TYPE": (int, float, str),
     "config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME": (str, list, type(None)),
+    "config.DATA.TRAIN.DEVICE_MIXUP.num_classes": (int, str),  # a class count, or "auto"
 }
 
 _TYPE_NAMES = {
@@ -273,14 +274,37 @@ def check_cross_keys(cfg: DictConfig) -> None:
             )
     _check_ssl_losses(cfg)
     from vissl_vit.data.collators.cutmixup import check_cutmixup_params  # a multi-crop batch needs ssl_method
+    from vissl_vit.data.dataset import parse_slice
 
     for split in ("TRAIN", "TEST"):
         if cfg.DATA[split].COLLATE_FUNCTION == "cutmixup_collator":
             d = cfg.DATA[split]
             check_cutmixup_params(list(d.TRANSFORMS), dict(d.COLLATE_FUNCTION_PARAMS), f"DATA.{split}")
+        parse_slice(cfg.DATA[split].get("SLICE", ""), f"config.DATA.{split}.SLICE")  # a bad slice now, not at build
+    _check_device_mixup(cfg)
     _check_lr_values(cfg)
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
+
+
+def _check_device_mixup(cfg: DictConfig) -> None:
+    """DATA.TRAIN.DEVICE_MIXUP: p >= 0, and not on top of another mixing (cutmixup_collator) or on
+    multi-crop batches (a list of views has no one image per target to mix)."""
+    node = cfg.DATA.TRAIN.get("DEVICE_MIXUP")
+    if node is None:
+        return
+    where, p = "config.DATA.TRAIN.DEVICE_MIXUP", node.get("p", 0)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or p < 0:
+        raise ConfigError(f"{where}.p={p!r}: expected the Beta parameter, a number >= 0 (0: off).")
+    if p == 0:
+        return
+    if cfg.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator":
+        raise ConfigError(
+            f"{where}.p={p} and config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator both mix the batch: "
+            "keep one (DEVICE_MIXUP is big_vision's mixup, cutmixup_collator timm's / DeiT's)."
+        )
+    if any(t.get("name") in ("ImgReplicatePil", "ImgPilToMultiCrop") for t in cfg.DATA.TRAIN.TRANSFORMS):
+        raise ConfigError(f"{where}.p={p}: mixup needs one image per target; the train transforms make several views.")
 
 
 ENGINES = ("train", "extract_features", "nearest_neighbor")

@@ -57,7 +57,8 @@ def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
     transforms = build_transforms(entries, f"{where}.TRANSFORMS")
     check_makes_tensors(list(d.TRANSFORMS), f"{where}.TRANSFORMS")
     label_type = effective_label_type(d.LABEL_TYPE, list(d.LABEL_SOURCES), where)
-    return VisslDataset(sources, transforms, label_type, d.DATA_LIMIT)
+    # SLICE picks images class by class first, then DATA_LIMIT takes the first N of those
+    return VisslDataset(sources, transforms, label_type, d.DATA_LIMIT, d.SLICE, f"{where}.SLICE")
 
 
 # Transforms that set the size of the image (or of each view); any entry with a ``size`` argument does too.
@@ -171,6 +172,9 @@ def describe_data(cfg: DictConfig, split: str, dataset: VisslDataset) -> list[st
     d = cfg.DATA[split]
     total = dataset.offsets[-1]
     limit = f" (DATA_LIMIT: the first {len(dataset)} of {total})" if len(dataset) < total else ""
+    if dataset.split_slice:
+        limited = f", then DATA_LIMIT: the first {len(dataset)}" if len(dataset) < dataset.sliced_length else ""
+        limit = f" (SLICE {dataset.split_slice}: {dataset.sliced_length} of {total}, class by class{limited})"
     lines = [f"{split} data: {len(dataset)} images{limit}, from {len(dataset.sources)} source(s)"]
     for k, (kind, source) in enumerate(zip(d.DATA_SOURCES, dataset.sources)):
         name = f" {d.DATASET_NAMES[k]}" if k < len(d.DATASET_NAMES) else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vissl_vit.data.datasets.base import ImageSource
-from vissl_vit.errors import DataError
+from vissl_vit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,95 @@ def effective_label_type(label_type: str, label_sources: list[str], where: str) 
     return label_type
 
 
+# TFDS's split-slice syntax, the bracket part: "[:99%]", "[99%:]", "[-10:]", "[10:20]", "[:33.3%]"
+_BOUND = r"\s*(-?\d+(?:\.\d+)?%|-?\d+)?\s*"
+_SLICE_RE = re.compile(rf"^\[{_BOUND}:{_BOUND}\]$")
+
+
+def parse_slice(spec: str, where: str) -> tuple[str | None, str | None]:
+    """The two bounds of a split slice ``"[from:to]"`` as written (None when left out).
+
+    Each bound is an int (images) or a percentage (``99%``, ``33.5%``), negative from the end, as in
+    TFDS (``train[:99%]``); ``""`` is the whole split, returned as ``(None, None)``. The brackets may
+    be left out (``99%:``): on a command line and in YAML a bare ``[99%:]`` reads as a list.
+
+    Args:
+        spec: the slice string.
+        where: its config key, for the message.
+    """
+    text = "" if spec is None else str(spec).strip()
+    if text == "":
+        return None, None
+    m = _SLICE_RE.match(text if text.startswith("[") else f"[{text}]")  # "99%:" as "[99%:]"
+    bad = [b for b in (m.groups() if m else ()) if b and b.endswith("%") and abs(float(b[:-1])) > 100]
+    if m is None or bad:
+        raise ConfigError(
+            f"{where}={spec!r} is not a split slice: expected '[from:to]' with each bound empty, an int or a "
+            "percentage within [-100%, 100%] (e.g. '[:99%]', '[99%:]', '[-10:]', '[:1000]'; quoted in YAML, or "
+            "without the brackets: 99%:), or '' for all."
+        )
+    return m.group(1), m.group(2)
+
+
+def _class_boundary(bound: str | None, n: int, default: int) -> int:
+    """One slice bound as an index into a class of ``n`` images.
+
+    A percentage rounds to the closest image, as TFDS's default rounding; a negative bound counts
+    from the end. A percentage strictly between 0% and 100% (either sign) stays in [1, n - 1] for
+    a class of two images or more, so that both sides of the cut keep every such class.
+    """
+    if bound is None:
+        return default
+    if bound.endswith("%"):
+        pct = float(bound[:-1])
+        b = int(round(pct * n / 100))
+        b = n + b if pct < 0 else b
+        if 0 < abs(pct) < 100 and n >= 2:
+            b = min(max(b, 1), n - 1)
+    else:
+        b = int(bound)
+        b = n + b if b < 0 else b
+    return min(max(b, 0), n)
+
+
+def slice_indices(labels: np.ndarray, spec: str, where: str) -> np.ndarray:
+    """The indices a split slice keeps of one source whose images have ``labels``, in increasing order.
+
+    The slice applies to each class on its own (class-balanced): ``[:99%]`` keeps the first 99% of
+    every class's images in the source's order and ``[99%:]`` the rest, so the two are disjoint and
+    together the whole source, and a class of two images or more is in both. An int bound counts
+    images of each class: ``[-10:]`` is the last 10 images of every class. Unlabeled images (label
+    -1) form one group. big_vision slices ``train[:99%]`` of TFDS's shuffled ImageNet; a plain
+    slice of a class-ordered folder would instead leave whole classes out (mup-vit's finding).
+
+    Args:
+        labels: one label per image of the source.
+        spec: the slice, see :func:`parse_slice`.
+        where: its config key, for the message.
+    """
+    lo, hi = parse_slice(spec, where)
+    labels = np.asarray(labels)
+    if lo is None and hi is None:
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")  # grouped by class, each group in the source's order
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    keep = []
+    for start, n in zip(starts.tolist(), counts.tolist()):
+        a, b = _class_boundary(lo, n, 0), _class_boundary(hi, n, n)
+        keep.append(order[start + a : start + max(a, b)])
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
+def source_labels(source: ImageSource) -> np.ndarray:
+    """Every label of a source, at once when it can give them (``all_labels``, a ``labels`` array)."""
+    if callable(getattr(source, "all_labels", None)):
+        return np.asarray(source.all_labels())
+    labels = getattr(source, "labels", None)
+    if labels is not None and not callable(labels) and len(labels) == len(source):
+        return np.asarray(labels)
+    return np.fromiter((source.label(i) for i in range(len(source))), np.int64, len(source))
+
+
 class VisslDataset(Dataset):
     """Concatenated sources with transforms, returning ``{"data", "label", "index", "seed", "bad", "bad_path"}``.
 
@@ -74,7 +164,10 @@ class VisslDataset(Dataset):
         sources: the data sources, concatenated in order.
         transform: applied to each PIL image.
         label_type: "standard" (class), "sample_index" or "zero".
-        limit: use only the first ``limit`` images; -1 for all.
+        limit: use only the first ``limit`` images (of those the slice keeps); -1 for all.
+        split_slice: a TFDS-style slice applied to each source, class by class
+            (:func:`slice_indices`), before ``limit``; "" for all.
+        slice_key: the config key of ``split_slice``, for error messages.
     """
 
     def __init__(
@@ -83,13 +176,25 @@ class VisslDataset(Dataset):
         transform: Callable[[Any], Any] | None,
         label_type: str = "standard",
         limit: int = -1,
+        split_slice: str = "",
+        slice_key: str = "SLICE",
     ) -> None:
         self.sources = sources
         self.transform = transform
         self.label_type = label_type
         self.offsets = np.cumsum([0] + [len(s) for s in sources]).tolist()
-        total = self.offsets[-1]
-        self.length = total if limit < 0 else min(limit, total)
+        self.split_slice = "" if split_slice is None else str(split_slice).strip()
+        # kept images as indices into the concatenated sources; None keeps them all (no copy)
+        self.indices: np.ndarray | None = None
+        if parse_slice(self.split_slice, slice_key) != (None, None):
+            self.indices = np.concatenate(
+                [
+                    off + slice_indices(source_labels(s), self.split_slice, slice_key)
+                    for s, off in zip(sources, self.offsets)
+                ]
+            ).astype(np.int64)
+        self.sliced_length = self.offsets[-1] if self.indices is None else len(self.indices)
+        self.length = self.sliced_length if limit < 0 else min(limit, self.sliced_length)
 
     def __len__(self) -> int:
         return self.length
@@ -98,12 +203,16 @@ class VisslDataset(Dataset):
         k = bisect.bisect_right(self.offsets, index) - 1
         return self.sources[k], index - self.offsets[k]
 
+    def _global(self, index: int) -> int:
+        """The index into the concatenated sources of dataset item ``index``."""
+        return index if self.indices is None else int(self.indices[index])
+
     def _label(self, index: int) -> int:
         if self.label_type == "sample_index":
             return index
         if self.label_type == "zero":
             return 0
-        source, i = self._locate(index)
+        source, i = self._locate(self._global(index))
         return source.label(i)
 
     def __getitem__(self, item: tuple[int, int] | int) -> dict[str, Any]:
@@ -111,7 +220,7 @@ class VisslDataset(Dataset):
         bad_path = ""
         for attempt in range(self.length):
             j = (index + attempt) % self.length
-            source, i = self._locate(j)
+            source, i = self._locate(self._global(j))
             try:
                 img = source.load(i)
                 break

@@ -36,6 +36,8 @@ from vissl_vit.engine.train_engine import get_device, seed_all
 from vissl_vit.errors import UserError
 from vissl_vit.models import apply_weights_init, build_model
 from vissl_vit.models.feature_eval import FeatureEvalModel, feature_names, parse_pool_ops_map
+from vissl_vit.utils.distributed import get_world_size
+from vissl_vit.utils.environment import write_environment
 from vissl_vit.utils.logging import setup_logging
 from vissl_vit.utils.tensors import to_device
 
@@ -195,7 +197,7 @@ def _setup(cfg_root: DictConfig, rank: int, local_rank: int) -> tuple[DictConfig
     cfg = cfg_root.config
     run_dir = os.path.abspath(cfg.CHECKPOINT.DIR)
     os.makedirs(run_dir, exist_ok=True)
-    setup_logging(run_dir, rank)
+    setup_logging(run_dir, rank, all_ranks=cfg.LOG_ALL_RANKS)
     if cfg.MACHINE.CPU_THREADS > 0:
         torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
     if rank == 0:
@@ -203,6 +205,7 @@ def _setup(cfg_root: DictConfig, rank: int, local_rank: int) -> tuple[DictConfig
         with open(tmp, "w") as f:
             f.write(OmegaConf.to_yaml(cfg_root))
         os.replace(tmp, os.path.join(run_dir, f"{cfg.ENGINE_NAME}_config.yaml"))
+        write_environment(run_dir, get_world_size())  # env.json: versions, devices, git commit, command
     seed_all(cfg.SEED_VALUE)
     return cfg, run_dir, get_device(cfg, local_rank)
 

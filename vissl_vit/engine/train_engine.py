@@ -16,16 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 from vissl_vit.config.derive import DerivedValues, derive_run_values
 from vissl_vit.data import build_dataloader, build_dataset
 from vissl_vit.data.build import log_data_summary
+from vissl_vit.data.collators.device_mixup import build_device_mixup
 from vissl_vit.engine.checkpoint import find_latest, load_checkpoint, remove_stale_tmp_files
 from vissl_vit.engine.hooks import HookBase, HookContext, Preempted, TestHook, build_hooks, restore_trainer
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.engine.parallel import amp_dtype, convert_sync_bn, wrap_model
 from vissl_vit.engine.resume_config import check_resume_config
-from vissl_vit.engine.trainer import Trainer
+from vissl_vit.engine.trainer import BatchTransform, Trainer
 from vissl_vit.errors import ConfigError
 from vissl_vit.losses import build_loss
 from vissl_vit.models import apply_weights_init, build_model
 from vissl_vit.optim import build_lr_scheduler, build_optimizer, build_wd_scheduler
+from vissl_vit.utils.environment import write_environment
 from vissl_vit.utils.logging import JsonLinesWriter, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ def write_run_config(run_dir: str, cfg_root: DictConfig, derived: DerivedValues)
 def _tensorboard(cfg: DictConfig, run_dir: str, primary: bool) -> Any:
     if not (primary and cfg.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD):
         return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard imports TensorFlow when installed: no banner
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(
@@ -95,7 +98,7 @@ def _start_process(cfg: DictConfig, rank: int, local_rank: int) -> tuple[str, to
     """The run folder (made), this process's log, CPU threads, device and initial seed."""
     run_dir = os.path.abspath(cfg.CHECKPOINT.DIR)
     os.makedirs(run_dir, exist_ok=True)
-    setup_logging(run_dir, rank)
+    setup_logging(run_dir, rank, all_ranks=cfg.LOG_ALL_RANKS)
     if cfg.MACHINE.CPU_THREADS > 0:
         torch.set_num_threads(cfg.MACHINE.CPU_THREADS)
     device = get_device(cfg, local_rank)
@@ -144,6 +147,7 @@ def _build_trainer(
     optimizer: torch.optim.Optimizer,
     train_loader: Any,
     device: torch.device,
+    rank: int,
 ) -> Trainer:
     clip = cfg.MODEL.GRAD_CLIP
     norm_type = float(clip.NORM_TYPE) if clip.NORM_TYPE != "inf" else float("inf")
@@ -162,7 +166,17 @@ def _build_trainer(
         amp_dtype=amp_dtype(cfg, device),
         wd_scheduler=build_wd_scheduler(derived),
         sync_every=cfg.LOG_FREQUENCY,  # the host reads the step scalars once per log line
+        batch_transform=_batch_transform(cfg, rank),
     )
+
+
+def _batch_transform(cfg: DictConfig, rank: int) -> BatchTransform | None:
+    """DATA.TRAIN.DEVICE_MIXUP (big_vision's mixup, on the device), or None when it is off. Each
+    (rank, micro-batch) draws its own mixing weight, as each device does in big_vision."""
+    mixup = build_device_mixup(cfg, cfg.SEED_VALUE)
+    if mixup is None:
+        return None
+    return lambda images, target, number: mixup(images, target, number, rank)
 
 
 def _open_writers(stack: contextlib.ExitStack, cfg: DictConfig, run_dir: str, primary: bool) -> tuple[Any, Any, Any]:
@@ -184,6 +198,7 @@ def _hook_context(
     world_size: int,
     device: torch.device,
     train_size: int,
+    num_epochs: int,
 ) -> HookContext:
     """What build_hooks needs besides the config: this process's place, the test loader (TEST_MODEL)
     and the writers (opened here, closed with ``stack``)."""
@@ -205,6 +220,7 @@ def _hook_context(
         tb=tb,
         phase_writer=PhaseWriter(metrics_json, tb, cfg.METERS.name or "meter"),
         config_yaml=OmegaConf.to_yaml(cfg_root),
+        num_epochs=num_epochs,
     )
 
 
@@ -240,16 +256,18 @@ def run_train_engine(
     optimizer = build_optimizer(cfg, model)
     seed_all(cfg.SEED_VALUE + rank)  # from here on each rank draws its own dropout / drop-path
     train_loader = build_dataloader(cfg, "TRAIN", train_ds, rank, world_size, device) if train_ds is not None else None
-    trainer = _build_trainer(cfg, derived, model, loss_fn, optimizer, train_loader, device)
+    trainer = _build_trainer(cfg, derived, model, loss_fn, optimizer, train_loader, device, rank)
 
     with contextlib.ExitStack() as writers:
         train_size = len(train_ds) if train_ds is not None else 0
-        context = _hook_context(writers, cfg_root, run_dir, rank, world_size, device, train_size)
+        context = _hook_context(writers, cfg_root, run_dir, rank, world_size, device, train_size, derived.num_epochs)
         trainer.register_hooks(build_hooks(cfg, context, model, extra_hooks))
         _resume(trainer, resume_path, resume_state)
         del resume_state  # the model and optimizer hold their copies now
         try:  # train, or only test; a preempted run stops cleanly (a rerun resumes)
-            if cfg.TEST_ONLY:
+            if cfg.TEST_ONLY:  # no before_train: env.json is written here
+                if primary:
+                    write_environment(run_dir, world_size)
                 test_hook = next(h for h in trainer.hooks if isinstance(h, TestHook))  # TEST_ONLY needs TEST_MODEL
                 test_hook.run_test(max(trainer.epoch - 1, 0))
             elif trainer.iteration >= trainer.max_iterations:

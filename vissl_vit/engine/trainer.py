@@ -55,6 +55,10 @@ class StepResult:
 
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+# (images, target, micro-batch number) -> (images, target), on the training device; the number
+# counts micro-batches from the run's start (iteration x accumulation + i), so a transform that
+# draws from it (seeded by it) resumes exactly with no state of its own
+BatchTransform = Callable[[Any, torch.Tensor, int], tuple[Any, torch.Tensor]]
 # a check of step scalars: [(step, the values as read on the host)] for the steps since the last read
 Check = Callable[[list[tuple[int, list[float]]]], None]
 
@@ -184,6 +188,8 @@ class Trainer:
             in each group with a ``wd_scale``, times it); None leaves the groups' weight decay as built.
         sync_every: steps between the host's reads of the step scalars (LOG_FREQUENCY in the
             engine; see :class:`StepScalars`); the end of each epoch and the last step are read too.
+        batch_transform: applied to each micro-batch on the device before the forward (see
+            ``BatchTransform``), e.g. big_vision's mixup; None for none.
     """
 
     def __init__(
@@ -202,6 +208,7 @@ class Trainer:
         amp_dtype: torch.dtype | None = None,
         wd_scheduler: ParamScheduler | None = None,
         sync_every: int = 1,
+        batch_transform: BatchTransform | None = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.lr_scheduler, self.train_loader = lr_scheduler, train_loader
@@ -209,6 +216,7 @@ class Trainer:
         self.iterations_per_epoch, self.max_iterations = iterations_per_epoch, max_iterations
         self.update_interval, self.device, self.grad_clip = update_interval, device, grad_clip
         self.accumulation, self.amp_dtype = accumulation, amp_dtype
+        self.batch_transform = batch_transform
         # float16 needs loss scaling; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.iteration = 0
@@ -226,7 +234,14 @@ class Trainer:
 
     @property
     def epoch(self) -> int:
+        """The epoch the next step belongs to (0-based)."""
         return self.iteration // self.iterations_per_epoch
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs begun and ended so far: at an epoch's end, its number + 1. A step budget
+        (OPTIMIZER.num_train_steps) may end the last epoch early; it still counts as one."""
+        return -(-self.iteration // self.iterations_per_epoch)
 
     def register_hooks(self, hooks: list[HookBase]) -> None:
         """Append hooks, called in list order; each gets ``hook.trainer``, a weak proxy of this trainer.
@@ -300,7 +315,8 @@ class Trainer:
     def _epoch_steps(self) -> Iterator[list[dict[str, Any]]]:
         """The rest of this epoch's steps, each a list of ``accumulation`` loader batches (the
         epoch's last step may have fewer, when the loader runs out)."""
-        epoch_end = (self.epoch + 1) * self.iterations_per_epoch
+        # a step budget (OPTIMIZER.num_train_steps) may end the run inside an epoch
+        epoch_end = min((self.epoch + 1) * self.iterations_per_epoch, self.max_iterations)
         micro: list[dict[str, Any]] = []
         for batch in self.train_loader:
             micro.append(batch)
@@ -379,6 +395,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             data = to_device(batch["data"], self.device)
             target = batch["label"].to(self.device, non_blocking=True)
+            if self.batch_transform is not None:  # on the device, after the transfer (big_vision's mixup)
+                data, target = self.batch_transform(data, target, self.iteration * self.accumulation + i)
             with self._no_sync(last=i == len(micro) - 1):
                 with self.autocast():
                     outputs = self.model(data)

@@ -5,11 +5,24 @@ Its keyword arguments come from two places: VISSL's flat keys (``OPTIMIZER.momen
 ``nesterov``, ``betas``, ``eps``), passed to the optimizers whose signature names them, and its own
 section ``OPTIMIZER.<name>`` (as ``LOSS.<name>``) for everything else, checked against the
 signature. Weight decay is never a keyword: each parameter group carries its own.
+
+One key of a section is not an argument: ``weight_decay_units`` of the optimizers with decoupled
+weight decay (adamw, big_vision_adam), read here. ``torch`` (the default): ``OPTIMIZER.weight_decay``
+(and its schedule) is torch's ``wd`` in ``theta <- theta - lr(t) wd theta``. ``big_vision``: it is
+big_vision's ``wd`` in ``theta <- theta - sched(t) (lr adam + wd theta)`` (``optax.py::make``), the
+decay following the schedule's shape but not its size; with ``lr(t) = lr_peak sched(t)`` that is
+torch's ``wd / lr_peak`` (mup-vit's ``--decoupled-weight-decay``: 1e-4 at lr 1e-3 is torch's 0.1).
+The groups' ``wd_scale`` (and the fixed weight decays of ``param_group_overrides``) are divided by
+``lr_peak``, the largest value of the (auto-scaled) lr schedule, so the trainer's ``weight_decay =
+scheduled wd x wd_scale`` gives torch's value at every step and the fused torch AdamW runs
+big_vision's decay. A units key rather than a separate optimizer: the conversion is the same for
+both optimizers, and every VISSL config (no such key) keeps torch's units.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vissl_vit.errors import ConfigError
+from vissl_vit.optim import big_vision  # noqa: F401  (registers big_vision_adam)
 from vissl_vit.optim.param_groups import get_param_groups
 from vissl_vit.optim.schedulers import build_param_scheduler
 from vissl_vit.registry import OPTIMIZERS
@@ -26,9 +40,13 @@ from vissl_vit.utils.kwargs import call_with_kwargs
 if TYPE_CHECKING:  # config.derive imports optim.schedulers: no import cycle at run time
     from vissl_vit.config.derive import DerivedValues
 
+logger = logging.getLogger(__name__)
+
 # VISSL's flat OPTIMIZER keys; each optimizer receives those its signature names
 FLAT_KEYS = ("momentum", "nesterov", "betas", "eps")
 PARAM_GROUP_CONSTRUCTORS = ("default", "lr_decay")  # VISSL's names (its dino / linear_eval_heads are not here)
+WEIGHT_DECAY_UNITS = ("torch", "big_vision")
+DECOUPLED = ("adamw", "big_vision_adam")  # the optimizers whose decay is theta <- theta - lr wd theta
 
 
 def _fused(groups: list[dict]) -> bool:
@@ -125,7 +143,48 @@ def optimizer_kwargs(o: DictConfig) -> dict:
             f"config.OPTIMIZER.{name}.{twice[0]}: set it as config.OPTIMIZER.{twice[0]} (VISSL's flat key), not in "
             "the optimizer's section."
         )
+    section.pop("weight_decay_units", None)  # read by build_optimizer, not an argument
     return {**kwargs, **section}
+
+
+def weight_decay_units(o: DictConfig) -> str:
+    """``OPTIMIZER.<name>.weight_decay_units`` (torch when absent); see the module docstring."""
+    name = o.name
+    units = o[name].get("weight_decay_units", "torch") if name in o and OmegaConf.is_dict(o[name]) else "torch"
+    if units not in WEIGHT_DECAY_UNITS:
+        raise ConfigError(
+            f"config.OPTIMIZER.{name}.weight_decay_units='{units}': expected one of {', '.join(WEIGHT_DECAY_UNITS)}."
+        )
+    if units == "big_vision" and name not in DECOUPLED:
+        raise ConfigError(
+            f"config.OPTIMIZER.{name}.weight_decay_units=big_vision: only the decoupled optimizers "
+            f"({', '.join(DECOUPLED)}) take big_vision's units; {name}'s weight decay is not decoupled."
+        )
+    return units
+
+
+def peak_lr(cfg: DictConfig) -> float:
+    """The largest value of the learning-rate schedule after auto LR scaling (big_vision's ``lr``)."""
+    from vissl_vit.config.derive import auto_scaled_schedule, schedule_spec, schedule_values
+
+    where = "config.OPTIMIZER.param_schedulers.lr"
+    spec = schedule_spec(OmegaConf.to_container(cfg.OPTIMIZER.param_schedulers.lr, resolve=True), where)
+    spec, _ = auto_scaled_schedule(spec, cfg, where)
+    return max(float(v) for _, v in schedule_values(spec, where))
+
+
+def to_torch_units(groups: list[dict], lr_peak: float, where: str) -> None:
+    """big_vision's weight decay -> torch AdamW's, in place: each group's ``weight_decay`` and
+    ``wd_scale`` divided by ``lr_peak`` (exempt groups stay at 0; fixed ones are converted too)."""
+    if not lr_peak > 0:
+        raise ConfigError(
+            f"{where}=big_vision divides the weight decay by the peak learning rate, but the lr schedule's "
+            f"largest value is {lr_peak:g}: expected > 0."
+        )
+    for g in groups:
+        g["weight_decay"] = g["weight_decay"] / lr_peak
+        if g["wd_scale"] is not None:
+            g["wd_scale"] = g["wd_scale"] / lr_peak
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -156,7 +215,19 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
         regularize_1d_params=o.regularize_1d_params,
         layer_decay=decay if o.param_group_constructor == "lr_decay" else None,
         overrides=OmegaConf.to_container(o.param_group_overrides, resolve=True),
+        regularize_only_kernels=o.get("regularize_only_kernels", False),
     )
+    if weight_decay_units(o) == "big_vision":
+        lr_peak = peak_lr(cfg)
+        to_torch_units(groups, lr_peak, f"config.OPTIMIZER.{o.name}.weight_decay_units")
+        logger.info(
+            "Weight decay in big_vision's units: theta <- theta - sched(t) x %g x theta on the decayed groups, "
+            "torch's weight_decay %g / peak lr %g = %g",
+            o.weight_decay,
+            o.weight_decay,
+            lr_peak,
+            o.weight_decay / lr_peak,
+        )
     if not any(g["params"] for g in groups):
         if not cfg.TEST_ONLY:
             raise ConfigError("The model has no trainable parameter (all frozen): nothing to train.")
@@ -169,10 +240,10 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def build_lr_scheduler(derived: DerivedValues) -> ParamScheduler:
     """The learning-rate schedule (already auto-scaled in ``derived``)."""
-    return build_param_scheduler(derived.lr_schedule, derived.num_epochs)
+    return build_param_scheduler(derived.lr_schedule, derived.num_epochs, derived.max_iterations)
 
 
 def build_wd_scheduler(derived: DerivedValues) -> ParamScheduler:
     """The weight-decay schedule of ``OPTIMIZER.param_schedulers.weight_decay`` (constant
     ``OPTIMIZER.weight_decay`` by default): the decayed groups' weight decay at progress ``where``."""
-    return build_param_scheduler(derived.weight_decay_schedule, derived.num_epochs)
+    return build_param_scheduler(derived.weight_decay_schedule, derived.num_epochs, derived.max_iterations)

@@ -9,7 +9,13 @@ decayed group, 0 for an exempt one). A group whose weight decay was set by an ov
 Rules, in order:
   1. decay or not: names in ``non_regularized_parameters`` (substrings), norm layers (unless
      ``regularize_bn``), ``*.bias`` (unless ``regularize_bias``), every parameter with ndim <= 1
-     (unless ``regularize_1d_params``: timm's and DINO's rule, which also exempts LayerScale gammas).
+     (unless ``regularize_1d_params``: timm's and DINO's rule, which also exempts LayerScale gammas),
+     and with ``regularize_only_kernels`` everything but kernels: parameters named ``*weight``
+     with ndim >= 2 (Linear and Conv weights). That is big_vision's ``.*/kernel$`` (flax names
+     Dense/Conv weights ``kernel``) and mup-vit's ``ndim >= 2 and name.endswith('weight')``: it
+     also exempts what ndim <= 1 does not reach, the position embedding, class and register
+     tokens (ndim 3, not ``weight``) without naming them. An ``nn.Embedding`` weight counts as a
+     kernel here; flax's ``Embed`` (``embedding``) does not.
   2. layer-wise LR decay (BEiT's rule): ``lr_scale = decay ** (num_layers + 1 - layer_id)`` with
      the trunk's ``layer_id``: 0 for embeddings, i + 1 for ``blocks.i``, num_layers + 1 for the
      final norm; parameters outside the trunk (heads) get num_layers + 1, scale 1.
@@ -92,6 +98,7 @@ def get_param_groups(
     regularize_1d_params: bool = True,
     layer_decay: float | None = None,
     overrides: Sequence[Any] = (),
+    regularize_only_kernels: bool = False,
 ) -> list[dict]:
     """Parameter groups with their own ``lr_scale`` and weight decay (see the module docstring).
 
@@ -109,6 +116,7 @@ def get_param_groups(
         regularize_1d_params: weight decay on parameters with ndim <= 1; False is timm's/DINO's rule.
         layer_decay: layer-wise LR decay factor, or None for none (every lr_scale 1).
         overrides: ``[pattern, {lr_scale, weight_decay}]`` entries; an entry matching nothing raises.
+        regularize_only_kernels: weight decay only on kernels (``*weight``, ndim >= 2), big_vision's rule.
     """
     patterns = [ALIASES.get(p, p) for p in non_regularized_parameters]
     rules = _check_overrides(list(overrides))
@@ -141,6 +149,7 @@ def get_param_groups(
         skip |= id(p) in norm_params and not regularize_bn
         skip |= name.endswith(".bias") and not regularize_bias
         skip |= p.ndim <= 1 and not regularize_1d_params
+        skip |= regularize_only_kernels and not (p.ndim >= 2 and name.endswith("weight"))
         wd_scale: float | None = 0.0 if skip else 1.0
         wd = weight_decay * wd_scale
         lr_scale = 1.0

@@ -122,6 +122,10 @@ class FolderSource(ImageSource):
     def label(self, index: int) -> int:
         return self.samples[index][1]
 
+    def all_labels(self) -> np.ndarray:
+        """Every image's label at once (for a class-balanced split slice, ``DATA.<split>.SLICE``)."""
+        return np.fromiter((label for _, label in self.samples), np.int64, len(self.samples))
+
     def describe(self, index: int) -> str:
         return self.samples[index][0]
 
@@ -151,6 +155,10 @@ class FileListSource(ImageSource):
 
     def label(self, index: int) -> int:
         return int(self.labels[index]) if self.labels is not None else -1
+
+    def all_labels(self) -> np.ndarray:
+        """Every image's label at once (-1 without a label file), for ``DATA.<split>.SLICE``."""
+        return np.asarray(self.labels, np.int64) if self.labels is not None else np.full(len(self), -1, np.int64)
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])

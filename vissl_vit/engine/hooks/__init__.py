@@ -12,12 +12,16 @@ from vissl_vit.engine.hooks.checkpoint_hook import (
 )
 from vissl_vit.engine.hooks.ema import EmaModelHook
 from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
-from vissl_vit.engine.hooks.logging_hooks import LogHook, ProgressBarHook
+from vissl_vit.engine.hooks.loggers import CsvLoggerHook, MetricsLogger, MlflowLoggerHook, WandbLoggerHook
+from vissl_vit.engine.hooks.logging_hooks import EnvironmentHook, EpochSummaryHook, LogHook, ProgressBarHook
 from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
 
 __all__ = [
     "BadImageHook",
+    "CsvLoggerHook",
     "EmaModelHook",
+    "EnvironmentHook",
+    "EpochSummaryHook",
     "FreezeParamsHook",
     "MomentumEncoderHook",
     "NormalizePrototypesHook",
@@ -27,10 +31,13 @@ __all__ = [
     "HookBase",
     "HookContext",
     "LogHook",
+    "MetricsLogger",
+    "MlflowLoggerHook",
     "NanLossHook",
     "ProgressBarHook",
     "TestHook",
     "TrainMeterHook",
+    "WandbLoggerHook",
     "build_hooks",
     "model_hook_names",
     "restore_trainer",

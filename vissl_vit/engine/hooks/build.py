@@ -13,6 +13,7 @@ Three kinds of hooks, in this order of concern:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.checkpoint_hook import unwrap
 from vissl_vit.engine.hooks.ema import EmaModelHook
+from vissl_vit.engine.hooks.loggers import import_for
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.errors import ConfigError
 from vissl_vit.meters import build_meter
@@ -40,7 +42,8 @@ class HookContext:
 
     Args:
         run_dir: the run folder (checkpoints).
-        primary: whether this process is rank 0 (it writes files and shows the progress bar).
+        primary: whether this process is rank 0 (it writes files, shows the progress bars and has
+            the metrics loggers).
         world_size: processes in all.
         train_size: images in the training set (0: no training set, no bad-image count).
         test_loader: the test loader, or None without a test phase.
@@ -48,6 +51,8 @@ class HookContext:
         tb: the tensorboard SummaryWriter, or None.
         phase_writer: writes metrics.json lines (train and test phases).
         config_yaml: the composed config, stored in every checkpoint.
+        num_epochs: the run's epochs (``OPTIMIZER.num_epochs``, or derived from a step budget,
+            ``OPTIMIZER.num_train_steps``; its last epoch may be short).
     """
 
     run_dir: str
@@ -59,6 +64,7 @@ class HookContext:
     tb: Any
     phase_writer: PhaseWriter
     config_yaml: str
+    num_epochs: int = 0
 
 
 def model_hook_names(model: nn.Module) -> list[str]:
@@ -115,6 +121,53 @@ def _ema_hook(cfg: DictConfig, model: nn.Module) -> EmaModelHook | None:
         warmup=e.WARMUP,
         ema_device=e.EMA_DEVICE,
     )
+
+
+def _logger_hooks(cfg: DictConfig, ctx: HookContext) -> list[HookBase]:
+    """env.json, the console's epoch lines and results table, metrics.csv, and W&B / MLflow when
+    HOOKS.WANDB_SETUP / HOOKS.MLFLOW_SETUP ask for them: on rank 0. A package asked for but not
+    installed is a ConfigError on every rank (all stop together, before the first step)."""
+    w, m = cfg.HOOKS.WANDB_SETUP, cfg.HOOKS.MLFLOW_SETUP
+    if w.USE_WANDB:
+        import_for("wandb", "HOOKS.WANDB_SETUP.USE_WANDB")
+    if m.USE_MLFLOW:
+        import_for("mlflow", "HOOKS.MLFLOW_SETUP.USE_MLFLOW")
+    if not ctx.primary:
+        return []
+    hooks = [
+        _hook("environment_hook", "env.json", run_dir=ctx.run_dir, world_size=ctx.world_size),
+        _hook(
+            "epoch_summary_hook",
+            "the epoch summary",
+            num_epochs=ctx.num_epochs or cfg.OPTIMIZER.num_epochs,
+            run_dir=ctx.run_dir,
+        ),
+        _hook("csv_logger", "metrics.csv", path=os.path.join(ctx.run_dir, "metrics.csv")),
+    ]
+    if w.USE_WANDB:
+        hooks.append(
+            _hook(
+                "wandb_logger",
+                "config.HOOKS.WANDB_SETUP",
+                run_dir=ctx.run_dir,
+                project=w.PROJECT,
+                entity=w.ENTITY,
+                run_name=w.RUN_NAME,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    if m.USE_MLFLOW:
+        hooks.append(
+            _hook(
+                "mlflow_logger",
+                "config.HOOKS.MLFLOW_SETUP",
+                run_dir=ctx.run_dir,
+                tracking_uri=m.TRACKING_URI,
+                experiment_name=m.EXPERIMENT_NAME,
+                run_name=m.RUN_NAME,
+            )
+        )
+    return hooks
 
 
 def build_hooks(
@@ -182,8 +235,16 @@ def build_hooks(
             all_reduce=all_reduce_sum,
         )
     )
-    if ctx.primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR:
-        hooks.append(_hook("progress_bar_hook", "config.HOOKS.PROGRESS_BAR", log_frequency=cfg.LOG_FREQUENCY))
+    show_bars = ctx.primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR
+    if show_bars:
+        hooks.append(
+            _hook(
+                "progress_bar_hook",
+                "config.HOOKS.PROGRESS_BAR",
+                log_frequency=cfg.LOG_FREQUENCY,
+                num_epochs=ctx.num_epochs or cfg.OPTIMIZER.num_epochs,
+            )
+        )
     # 5. The test phase after the epoch's train phase, before the checkpoint, which then records
     #    the phase count with the test line included (a resume does not write it twice).
     if ctx.test_loader is not None:
@@ -196,14 +257,20 @@ def build_hooks(
                 meter=build_meter(cfg),
                 writer=ctx.phase_writer,
                 every_n_epochs=cfg.TEST_EVERY_NUM_EPOCH,
-                num_epochs=cfg.OPTIMIZER.num_epochs,
+                num_epochs=ctx.num_epochs or cfg.OPTIMIZER.num_epochs,
                 all_reduce=all_reduce_sum,
                 max_bad_fraction=cfg.DATA.MAX_BAD_IMAGE_FRACTION,
                 # ENABLE_EMA_METERS: the EMA too, with its own meter, built as the model's is
                 ema=ema.ema if ema_meters else None,
                 ema_meter=build_meter(cfg) if ema_meters else None,
+                progress_bar=show_bars,
             )
         )
+    # 5b. The metrics loggers (rank 0) after the test phase: each phase reaches them as it is
+    #     written, and the epoch summary's after_epoch then sees the epoch's train and test lines.
+    #     They run before the checkpoint, so a checkpoint's iteration has its rows written (a resume
+    #     keeps the CSV's rows up to it).
+    hooks += _logger_hooks(cfg, ctx)
     # 6. The user's hooks (config, then Python) see an accepted step, the upkept model and the
     #    epoch's phases; they run before the checkpoint, so their state_dict is saved with the step.
     hooks += _config_hooks(cfg)

@@ -315,7 +315,7 @@ class CheckpointHook(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        done = t.epoch
+        done = t.epochs_done
         best = self._new_best()
         final = t.iteration >= t.max_iterations
         path, state = None, None

@@ -1,27 +1,40 @@
-"""Logging hooks: stdout.json + log.txt lines, tensorboard scalars, a progress bar."""
+"""Logging hooks: stdout.json + log.txt lines, tensorboard scalars, progress bars, the console's
+line per epoch and results table, and the run's env.json."""
 
 from __future__ import annotations
 
 import logging
-import sys
+import os
 import time
 from typing import Any
 
 from vissl_vit.engine.hooks.base import HookBase
+from vissl_vit.engine.hooks.loggers import MetricsLogger, metrics_loggers
 from vissl_vit.registry import HOOKS
 from vissl_vit.utils.distributed import get_world_size
-from vissl_vit.utils.logging import JsonLinesWriter
+from vissl_vit.utils.environment import describe_environment, write_environment
+from vissl_vit.utils.logging import (
+    SHOWN_BY_BAR,
+    JsonLinesWriter,
+    epoch_line,
+    format_duration,
+    progress_bar,
+    read_json_lines,
+    results_table,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @HOOKS.register("log_hook")
 class LogHook(HookBase):
-    """Every ``log_frequency`` steps (and the last): a line in log.txt, stdout.json and tensorboard.
+    """Every ``log_frequency`` steps (and the last): a line in log.txt, stdout.json and tensorboard,
+    and the same record to every metrics logger (CSV, W&B, MLflow: see loggers.py).
 
-    stdout.json fields: iteration (completed steps), epoch, loss (this step's), lr, images_per_sec
-    (since the previous line, this process x world size), eta_seconds, time (unix seconds). The
-    loss is the mean over ranks, so it does not depend on how the global batch is split.
+    stdout.json fields: iteration (completed steps), epoch (from 0), loss (this step's), lr,
+    images_per_sec (since the previous line, this process x world size), eta_seconds, time (unix
+    seconds). The loss is the mean over ranks, so it does not depend on how the global batch is
+    split. The log.txt line is left off the console while a progress bar shows the same numbers.
 
     The loss of a step to log is filed with the step scalars (:class:`StepScalars`) and read at
     the step's sync point with the other scalars: no host sync or collective of its own.
@@ -81,15 +94,18 @@ class LogHook(HookBase):
         if self.stdout_json is not None:
             self.stdout_json.write(record)
             logger.info(
-                "iter %d/%d epoch %d loss %.4f lr %.4g %.1f img/s eta %ds",
+                "iter %d/%d epoch %d loss %.4f lr %.4g %.1f img/s eta %s",
                 t.iteration,
                 t.max_iterations,
                 record["epoch"],
                 record["loss"],
                 record["lr"],
                 ips,
-                int(record["eta_seconds"]),
+                format_duration(record["eta_seconds"]),
+                extra={SHOWN_BY_BAR: True},
             )
+        for sink in metrics_loggers(t):
+            sink.log_step(record)
         if self.tb is not None:
             for k in ("loss", "lr", "images_per_sec"):
                 self.tb.add_scalar(f"train/{k}", record[k], t.iteration)
@@ -97,19 +113,31 @@ class LogHook(HookBase):
 
 @HOOKS.register("progress_bar_hook")
 class ProgressBarHook(HookBase):
-    """A tqdm bar over iterations on rank 0, shown only when stderr is a terminal."""
+    """A tqdm bar per training epoch on rank 0 (``epoch 3/10``, over the epoch's steps), shown only
+    when stderr is a terminal; it vanishes at the epoch's end, where the epoch's line is logged.
 
-    def __init__(self, log_frequency: int) -> None:
-        self.log_frequency = log_frequency
+    Its postfix, updated every ``log_frequency`` steps, shows the logged loss, the lr, images/s
+    (this process) and the time left for the whole run. Log lines written meanwhile go above the
+    bar (``utils.logging.ConsoleHandler``).
+
+    Args:
+        log_frequency: steps between postfix updates (LOG_FREQUENCY: the loss is read then).
+        num_epochs: epochs in all (the bar's label).
+    """
+
+    def __init__(self, log_frequency: int, num_epochs: int) -> None:
+        self.log_frequency, self.num_epochs = log_frequency, num_epochs
         self.bar = None
 
     def before_train(self) -> None:
-        if sys.stderr.isatty():
-            from tqdm import tqdm
+        self._start_t, self._start_it = time.perf_counter(), self.trainer.iteration
 
-            t = self.trainer
-            self.bar = tqdm(total=t.max_iterations, initial=t.iteration, unit="it", dynamic_ncols=True)
-            self._t, self._n = time.perf_counter(), 0
+    def before_epoch(self) -> None:
+        t = self.trainer
+        self.bar = progress_bar(
+            True, t.iterations_per_epoch, f"epoch {t.epoch + 1}/{self.num_epochs}", t.iteration % t.iterations_per_epoch
+        )
+        self._t, self._n = time.perf_counter(), 0
 
     def after_step(self) -> None:
         if self.bar is None:
@@ -120,14 +148,88 @@ class ProgressBarHook(HookBase):
         if t.iteration % self.log_frequency == 0:
             now = time.perf_counter()
             loss = t.scalars.latest("loss")  # the log hook's, read at this step: no host sync of its own
+            per_iter = (now - self._start_t) / max(t.iteration - self._start_it, 1)
             self.bar.set_postfix(
-                epoch=t.epoch,
-                loss=f"{loss[0] / get_world_size():.4f}" if loss else "-",
-                lr=f"{t.last.lr:.3g}",
-                img_s=f"{self._n / max(now - self._t, 1e-9):.0f}",
+                {  # in this order (keyword arguments would be sorted by name)
+                    "loss": f"{loss[0] / get_world_size():.4f}" if loss else "-",
+                    "lr": f"{t.last.lr:.3g}",
+                    "img/s": f"{self._n / max(now - self._t, 1e-9):.0f}",
+                    "eta": format_duration(per_iter * (t.max_iterations - t.iteration)),
+                }
             )
             self._t, self._n = now, 0
 
-    def after_train(self) -> None:
+    def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def after_epoch(self) -> None:
+        self._close()  # before the test phase, which shows its own bar
+
+    def after_train(self) -> None:
+        self._close()
+
+
+@HOOKS.register("epoch_summary_hook")
+class EpochSummaryHook(MetricsLogger):
+    """The console's summary on rank 0: one line per epoch, after its test phase
+    (``epoch 3/10  train loss 0.8412 top-1 84.70  |  test loss 0.8523 top-1 83.60  (1m12s)``),
+    and a results table when training ends (best and last test top-1 with their epochs, the
+    EMA's when it is evaluated, the last train loss, the wall time, the run folder), read from
+    metrics.json so that a resumed run's table covers the whole run.
+
+    Args:
+        num_epochs: epochs in all.
+        run_dir: the run folder (metrics.json).
+    """
+
+    def __init__(self, num_epochs: int, run_dir: str) -> None:
+        self.num_epochs, self.run_dir = num_epochs, run_dir
+        self.phases: list[tuple[str, dict[str, Any]]] = []  # this epoch's
+        self.seen: list[dict[str, Any]] = []  # every phase of this process
+        self._epoch_t = time.perf_counter()
+
+    def before_train(self) -> None:
+        self._train_t, self._start_it = time.perf_counter(), self.trainer.iteration
+
+    def before_epoch(self) -> None:
+        self._epoch_t, self.phases = time.perf_counter(), []
+
+    def log_phase(self, phase: str, record: dict[str, Any]) -> None:
+        self.phases.append((phase, record))
+        self.seen.append(record)
+
+    def after_epoch(self) -> None:
+        if self.phases:
+            epoch = self.phases[0][1]["train_phase_idx"] + 1
+            logger.info("%s", epoch_line(epoch, self.num_epochs, self.phases, time.perf_counter() - self._epoch_t))
+        self.phases = []
+
+    def after_train(self) -> None:
+        t = self.trainer
+        if t.iteration < t.max_iterations:  # stopped early (an error, preemption): no results yet
+            return
+        records = read_json_lines(os.path.join(self.run_dir, "metrics.json")) or self.seen
+        note = f"since the resume at iteration {self._start_it}" if self._start_it else ""
+        logger.info(
+            "%s", results_table(records, self.num_epochs, self.run_dir, time.perf_counter() - self._train_t, note)
+        )
+
+
+@HOOKS.register("environment_hook")
+class EnvironmentHook(HookBase):
+    """env.json in the run folder at the start of training (rank 0): versions, devices, host,
+    command line, git commit (``utils.environment``); one line of it in the log.
+
+    Args:
+        run_dir: the run folder.
+        world_size: processes in the run.
+    """
+
+    def __init__(self, run_dir: str, world_size: int) -> None:
+        self.run_dir, self.world_size = run_dir, world_size
+
+    def before_train(self) -> None:
+        env = write_environment(self.run_dir, self.world_size)
+        logger.info("Environment: %s (%s)", describe_environment(env), os.path.join(self.run_dir, "env.json"))

@@ -15,27 +15,38 @@ from torch.utils.data import DataLoader
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.guards import BadImages, bad_in_batches, gather_objects
+from vissl_vit.engine.hooks.loggers import metrics_loggers
 from vissl_vit.models.ema import ModelEma
 from vissl_vit.registry import HOOKS
-from vissl_vit.utils.logging import JsonLinesWriter
+from vissl_vit.utils.logging import JsonLinesWriter, describe_phase, progress_bar
 from vissl_vit.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
 
 
 class PhaseWriter:
+    """Writes each phase's values: a metrics.json line (rank 0), tensorboard scalars, and the same
+    record to every metrics logger of the trainer (CSV, W&B, MLflow, the console's epoch line:
+    loggers.py). The console line is the epoch summary hook's, not this writer's.
+
+    Args:
+        metrics_json: the metrics.json writer, or None on ranks > 0.
+        tb_writer: tensorboard SummaryWriter, or None.
+        meter_name: METERS.name: the run's meter is written under ``<phase>_<meter_name>``.
+    """
+
     def __init__(self, metrics_json: JsonLinesWriter | None, tb_writer: Any, meter_name: str) -> None:
         self.metrics_json, self.tb, self.meter_name = metrics_json, tb_writer, meter_name
 
-    def write(self, trainer: Any, prefix: str, train_phase_idx: int, values: dict[str, Any]) -> None:
+    def write(self, trainer: Any, prefix: str, train_phase_idx: int, values: dict[str, Any]) -> dict[str, Any]:
+        """Write one phase (``prefix``: "train" or "test"); returns its metrics.json record."""
         record = {"iteration": trainer.iteration, "phase_idx": trainer.phase_idx, "train_phase_idx": train_phase_idx}
         record.update({f"{prefix}_{k}": v for k, v in values.items()})
         trainer.phase_idx += 1
         if self.metrics_json is not None:
             self.metrics_json.write(record)
-            logger.info(
-                "%s phase %d: %s", prefix, train_phase_idx, {k: v for k, v in record.items() if k.startswith(prefix)}
-            )
+        for sink in metrics_loggers(trainer):
+            sink.log_phase(prefix, record)
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, dict):  # meter: {"top_1": {"0": 87.3}}
@@ -46,6 +57,7 @@ class PhaseWriter:
                             self.tb.add_scalar(f"{tag}/{metric}/{out}", val, trainer.iteration)
                 else:
                     self.tb.add_scalar(f"{prefix}/{k}", v, trainer.iteration)
+        return record
 
 
 @HOOKS.register("train_meter_hook")
@@ -85,7 +97,7 @@ class TrainMeterHook(HookBase):
             self.meter.sync(self.all_reduce)
             values[self.writer.meter_name] = self.meter.value()
             self.meter.reset()
-        self.writer.write(self.trainer, "train", self.trainer.epoch - 1, values)
+        self.writer.write(self.trainer, "train", self.trainer.epochs_done - 1, values)
         self.loss_sum, self.steps = 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -119,6 +131,7 @@ class TestHook(HookBase):
             the suffix ``_ema`` (VISSL's ``metric_key_name_suffix="ema"``: ``test_loss_ema``,
             ``test_accuracy_list_meter_ema``). None: the model only.
         ema_meter: the EMA's meter, built as ``meter`` is (None without a meter).
+        progress_bar: show a bar over the test batches (rank 0, when stderr is a terminal).
     """
 
     def __init__(
@@ -133,17 +146,27 @@ class TestHook(HookBase):
         gather: Callable[[Any], list[Any]] = gather_objects,
         ema: ModelEma | None = None,
         ema_meter: Any = None,
+        progress_bar: bool = False,
     ) -> None:
         self.loader, self.meter, self.writer = loader, meter, writer
         self.every_n_epochs, self.num_epochs, self.all_reduce = every_n_epochs, num_epochs, all_reduce
         self.max_bad_fraction, self.gather = max_bad_fraction, gather
         self.ema, self.ema_meter = ema, ema_meter
+        self.show_bar = progress_bar
+        self._training = False  # in trainer.train(): the epoch summary hook logs the phase's line
         # the newest test phase's (train_phase_idx, values), for the checkpoint's best-by-metric
         self.last_values: tuple[int, dict[str, Any]] | None = None
 
+    def before_train(self) -> None:
+        self._training = True
+
+    def after_train(self) -> None:
+        self._training = False
+
     def after_epoch(self) -> None:
-        done = self.trainer.epoch  # epochs completed
-        if done % self.every_n_epochs == 0 or done == self.num_epochs:
+        t = self.trainer
+        done = t.epochs_done
+        if done % self.every_n_epochs == 0 or done == self.num_epochs or t.iteration >= t.max_iterations:
             self.run_test(done - 1)
 
     @torch.no_grad()
@@ -163,11 +186,18 @@ class TestHook(HookBase):
             evals.append(_Eval(self.ema.module, self.ema.device, self.ema_meter))
         n = 0
         found: dict[int, str] = {}  # unreadable test images met by this rank
-        for batch in self.loader:
-            found.update(bad_in_batches([batch]))
-            for e in evals:
-                e.run(t, batch)
-            n += len(batch["label"])
+        bar = progress_bar(self.show_bar, len(self.loader), "test", unit="batch")
+        try:
+            for batch in self.loader:
+                found.update(bad_in_batches([batch]))
+                for e in evals:
+                    e.run(t, batch)
+                n += len(batch["label"])
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         bad = BadImages("TEST", len(self.loader.dataset), self.max_bad_fraction)
         bad.report_and_check(self.gather(found), f" in the test phase after epoch {train_phase_idx}")
         values: dict[str, Any] = {}
@@ -177,7 +207,9 @@ class TestHook(HookBase):
             if e.meter is not None:
                 e.meter.sync(self.all_reduce)
                 values[f"{self.writer.meter_name}{suffix}"] = e.meter.value()
-        self.writer.write(t, "test", train_phase_idx, values)
+        record = self.writer.write(t, "test", train_phase_idx, values)
+        if not self._training:  # TEST_ONLY: no epoch line will say it
+            logger.info("TEST_ONLY, the model at iteration %d:  %s", t.iteration, describe_phase("test", record))
         model.train(was_training)
         self.last_values = (train_phase_idx, values)
         return values
