@@ -4,39 +4,18 @@
 from __future__ import annotations
 
 import torch
-from fvcore.common.param_scheduler import ConstantParamScheduler
 from torch import nn
 
+from tests.engine.toy import ToyLoader, toy_trainer
 from vissl_vit.engine.hooks import HookBase
 from vissl_vit.engine.trainer import Trainer
 
 
-class _Sampler:
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def set_start_iteration(self, it: int) -> None: ...
-
-
-class _Loader:
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.batches = [
-            {"data": torch.randn(4, 3, generator=g), "label": torch.randn(4, 1, generator=g)} for _ in range(n)
-        ]
-        self.sampler = _Sampler()
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def _trainer(transform) -> Trainer:  # noqa: ANN001
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    return Trainer(
-        model, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1), ConstantParamScheduler(0.1), _Loader(4),
-        iterations_per_epoch=2, max_iterations=4, update_interval="step", device=torch.device("cpu"),
-        accumulation=2, batch_transform=transform,
-    )  # fmt: skip
+    model = lambda: nn.Linear(3, 1)  # noqa: E731
+    return toy_trainer(
+        ToyLoader(4), model, iterations_per_epoch=2, max_iterations=4, accumulation=2, batch_transform=transform
+    )
 
 
 def test_each_micro_batch_is_transformed_before_the_forward_and_numbered_from_the_start():
@@ -58,7 +37,7 @@ def test_each_micro_batch_is_transformed_before_the_forward_and_numbered_from_th
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches, expected = _Loader(4).batches, []
+    batches, expected = ToyLoader(4).batches, []
     for step in range(4):
         opt.zero_grad()
         total = torch.zeros(())  # summed in float32, as the trainer does

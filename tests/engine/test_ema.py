@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from fvcore.common.param_scheduler import ConstantParamScheduler
 from timm.utils.model_ema import ModelEma as TimmModelEma
 from torch import nn
 
+from tests.engine.toy import ToyLoader, toy_trainer
 from vissl_vit import compose_config, run_train_engine
 from vissl_vit.engine.hooks import EmaModelHook, HookBase, HookContext, TrainMeterHook, build_hooks
 from vissl_vit.engine.hooks.phases import PhaseWriter
@@ -153,27 +153,6 @@ def test_moco_momentum_update_is_unchanged_bit_for_bit():
 # --------------------------------------------------------------------------------------------------
 
 
-class _Sampler:
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def set_start_iteration(self, it: int) -> None: ...
-
-
-class _Loader:
-    """Fixed batches of 4 samples of a regression (what the Trainer needs of a DataLoader)."""
-
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.batches = [
-            {"data": torch.randn(4, 3, generator=g), "label": torch.randn(4, 1, generator=g)} for _ in range(n)
-        ]
-        self.sampler = _Sampler()
-        self.dataset = list(range(4 * n))
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 class _Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -185,18 +164,8 @@ class _Toy(nn.Module):
 
 
 def _trainer(max_iterations: int, iterations_per_epoch: int = 4) -> Trainer:
-    torch.manual_seed(0)
-    model = _Toy()
-    return Trainer(
-        model,
-        nn.MSELoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        ConstantParamScheduler(0.1),
-        _Loader(iterations_per_epoch),
-        iterations_per_epoch=iterations_per_epoch,
-        max_iterations=max_iterations,
-        update_interval="step",
-        device=torch.device("cpu"),
+    return toy_trainer(
+        ToyLoader(iterations_per_epoch), _Toy, iterations_per_epoch=iterations_per_epoch, max_iterations=max_iterations
     )
 
 
@@ -334,7 +303,7 @@ def test_the_hook_is_on_when_either_key_is(tmp_path, save, meters):
             f"config.HOOKS.EMA_MODEL.ENABLE_EMA_METERS={meters}",
         ]
     ).config
-    hooks = build_hooks(cfg, _context(tmp_path, test_loader=_Loader(1)), build_model(cfg))
+    hooks = build_hooks(cfg, _context(tmp_path, test_loader=ToyLoader(1)), build_model(cfg))
     kinds = [type(h).__name__ for h in hooks]
     if not (save or meters):
         assert "EmaModelHook" not in kinds

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.conftest import read_losses
 from tests.data.test_datasets import make_folder
+from tests.engine.toy import toy_trainer
 from vissl_vit import compose_config, run_train_engine
 from vissl_vit.engine import train_engine
 from vissl_vit.engine.checkpoint import LATEST
@@ -25,35 +26,6 @@ from vissl_vit.errors import DataError, TrainingError
 # --------------------------------------------------------------------------------------------------
 # NaN guard on a toy trainer
 # --------------------------------------------------------------------------------------------------
-
-
-class _Sampler:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def set_start_iteration(self, it: int) -> None: ...
-
-    def __iter__(self):
-        return iter(range(self.n))
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _Loader:
-    """Eight fixed batches of a linear regression (what the Trainer needs of a DataLoader)."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.batches = [
-            {"data": torch.randn(4, 3, generator=g), "label": torch.randn(4, 1, generator=g)} for _ in range(8)
-        ]
-        self.sampler = _Sampler(len(self.batches))
-
-    def __iter__(self):
-        return iter(self.batches)
 
 
 class _PoisonGrad(HookBase):
@@ -78,21 +50,7 @@ class _SaveWeights(HookBase):
 
 
 def _toy_trainer(grad_clip=None, amp_dtype=None) -> Trainer:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    return Trainer(
-        model,
-        torch.nn.MSELoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        lambda where: 0.1,
-        _Loader(),
-        iterations_per_epoch=8,
-        max_iterations=8,
-        update_interval="step",
-        device=torch.device("cpu"),
-        grad_clip=grad_clip,
-        amp_dtype=amp_dtype,
-    )
+    return toy_trainer(model=lambda: torch.nn.Linear(3, 1), grad_clip=grad_clip, amp_dtype=amp_dtype)
 
 
 @pytest.mark.parametrize("clip", [None, (1.0, 2.0)], ids=["no-clip", "clip"])

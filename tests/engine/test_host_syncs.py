@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tests.engine.toy import ToyLoader, toy_trainer
 from vissl_vit import compose_config, run_train_engine
 from vissl_vit.engine import trainer as trainer_module
 from vissl_vit.engine.hooks import (
@@ -118,64 +119,13 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-class _Sampler:
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def set_start_iteration(self, it: int) -> None: ...
-
-
-class _Loader:
-    """Eight batches of a regression, with the dataset's unreadable-image fields (none unreadable)."""
-
-    def __init__(self, bad_at: int | None = None) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.batches = []
-        for i in range(8):
-            index = torch.arange(4 * i, 4 * i + 4)
-            bad = torch.zeros(4, dtype=torch.long)
-            if i == bad_at:
-                bad[1] = 1
-            paths = [f"/d/{j}.jpg" if b else "" for j, b in zip(index.tolist(), bad.tolist())]
-            x, y = torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
-            self.batches.append({"data": x, "label": y, "index": index, "bad": bad, "bad_path": paths})
-        self.sampler = _Sampler()
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _Toy(nn.Module):
-    """A linear regression named as the checkpoint expects (trunk.*)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
-
-
-def _toy_trainer(loader: _Loader, sync_every: int = 4, amp_dtype: torch.dtype | None = None) -> Trainer:
-    torch.manual_seed(0)
-    model = _Toy()
-    trainer = Trainer(
-        model,
-        nn.MSELoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        lambda where: 0.1,
-        loader,
-        iterations_per_epoch=8,
-        max_iterations=8,
-        update_interval="step",
-        device=torch.device("cpu"),
-        sync_every=sync_every,
-        amp_dtype=amp_dtype,
-    )
+def _toy_trainer(loader: ToyLoader, sync_every: int = 4, amp_dtype: torch.dtype | None = None) -> Trainer:
+    trainer = toy_trainer(loader, sync_every=sync_every, amp_dtype=amp_dtype)
     trainer.read_flags_on_host = False  # count as on a GPU, where reading a flag waits for the device
     return trainer
 
 
-def _toy_run(tmp_path, count: _Count, loader: _Loader, sync_every: int = 4) -> tuple[Trainer, _Probe]:
+def _toy_run(tmp_path, count: _Count, loader: ToyLoader, sync_every: int = 4) -> tuple[Trainer, _Probe]:
     """8 steps of a toy trainer with the engine's per-step hooks, in build_hooks' order."""
     trainer = _toy_trainer(loader, sync_every)
     checkpoint = CheckpointHook(str(tmp_path), epoch_frequency=1, iter_frequency=-1, keep_last=1, is_primary=False)
@@ -209,7 +159,7 @@ BETWEEN_SYNCS, AT_SYNC = (0, 0), (1, 1)
 
 def test_the_step_scalars_are_read_and_reduced_once_per_sync_interval(tmp_path, monkeypatch, one_process_group):
     count = _Count(monkeypatch)
-    trainer, probe = _toy_run(tmp_path, count, _Loader())
+    trainer, probe = _toy_run(tmp_path, count, ToyLoader(with_bad_fields=True))
     assert trainer.iteration == 8
     steps = probe.per_step()  # steps 1..7 (step 8 ends the epoch)
     for i, (reads, collectives) in enumerate(steps, start=1):
@@ -222,7 +172,7 @@ def test_the_step_scalars_are_read_and_reduced_once_per_sync_interval(tmp_path, 
 @pytest.mark.parametrize("amp", [None, torch.float16], ids=["fp32", "fp16-grad-scaler"])
 def test_a_nan_step_between_sync_points_is_skipped_on_the_device_and_raises_at_the_sync(monkeypatch, amp):
     count = _Count(monkeypatch)
-    loader = _Loader()
+    loader = ToyLoader(with_bad_fields=True)
     loader.batches[1]["label"][0] = float("nan")  # step 2's loss
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -251,7 +201,9 @@ def test_a_flagged_step_leaves_the_weights_as_before(fused):
     ref.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused is True or None)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
-    trainer = Trainer(model, nn.MSELoss(), opt, lambda w: 0.1, _Loader(), 8, 8, "step", torch.device("cpu"))
+    trainer = Trainer(
+        model, nn.MSELoss(), opt, lambda w: 0.1, ToyLoader(with_bad_fields=True), 8, 8, "step", torch.device("cpu")
+    )
     assert trainer.read_flags_on_host  # the CPU's default
     trainer.read_flags_on_host = fused == "read"
     x, y = torch.randn(4, 3), torch.randn(4, 1)
@@ -285,7 +237,9 @@ def test_unreadable_images_are_looked_up_at_the_sync_point(tmp_path, monkeypatch
         def after_step(self) -> None:
             seen.append(next(h for h in self.trainer.hooks if isinstance(h, BadImageHook)).count)
 
-    trainer = _toy_trainer(_Loader(bad_at=1))  # step 2 meets image 5; the sync of step 4 reads it
+    trainer = _toy_trainer(
+        ToyLoader(with_bad_fields=True, bad_at=1)
+    )  # step 2 meets image 5; the sync of step 4 reads it
     trainer.register_hooks([BadImageHook(32, 0.5, all_reduce=all_reduce_sum), _BadCount()])
     trainer.train()
     assert seen == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -323,7 +277,7 @@ def test_a_real_run_reads_the_host_once_per_log_interval(tmp_path, monkeypatch, 
 def _preemption_run(tmp_path, world_size: int, all_reduce, request_at: int | None) -> tuple[Trainer, list[int]]:
     """The toy trainer (sync every 4 steps) with a checkpoint and a preemption hook; this process is
     asked to stop during step ``request_at`` (None: never). Returns it and the steps it completed."""
-    trainer = _toy_trainer(_Loader(), sync_every=4)
+    trainer = _toy_trainer(ToyLoader(with_bad_fields=True), sync_every=4)
     checkpoint = CheckpointHook(str(tmp_path), epoch_frequency=1, iter_frequency=-1, keep_last=-1, is_primary=True)
     preemption = PreemptionHook(checkpoint, all_reduce, world_size=world_size)
     done: list[int] = []

@@ -136,7 +136,7 @@ def test_a_stopped_worker_is_named_and_the_job_ends_soon_after_the_timeout(tmp_p
 
 
 def test_a_stop_signal_while_the_run_is_built_stops_it_before_its_first_step():
-    from tests.engine.test_guards import _toy_trainer
+    from tests.engine.toy import toy_trainer as _toy_trainer
     from vissl_vit.engine.hooks.checkpoint_hook import Preempted, PreemptionHook, catch_early_preemption
 
     saved = []

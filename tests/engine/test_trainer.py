@@ -9,9 +9,9 @@ import weakref
 
 import pytest
 import torch
-from fvcore.common.param_scheduler import ConstantParamScheduler
 from torch import nn
 
+from tests.engine.toy import ToyLoader, toy_trainer
 from vissl_vit import compose_config
 from vissl_vit.engine.hooks import (
     CheckpointHook,
@@ -37,50 +37,11 @@ EVENTS = ("before_train", "before_epoch", "before_step", "after_backward", "befo
 EVENTS += ("after_epoch", "after_train")
 
 
-class _Sampler:
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def set_start_iteration(self, it: int) -> None: ...
-
-
-class _Loader:
-    """``n`` fixed batches of 4 samples of a linear regression (what the Trainer needs of a DataLoader)."""
-
-    def __init__(self, n: int = 4) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.batches = [
-            {"data": torch.randn(4, 3, generator=g), "label": torch.randn(4, 1, generator=g)} for _ in range(n)
-        ]
-        self.sampler = _Sampler()
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _Toy(nn.Module):
-    """A linear regression named as the checkpoint expects (trunk.*)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
-
-
 def _trainer(n_batches: int = 4, iterations_per_epoch: int = 2, epochs: int = 2, accumulation: int = 1) -> Trainer:
-    torch.manual_seed(0)
-    model = _Toy()
-    return Trainer(
-        model,
-        nn.MSELoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        ConstantParamScheduler(0.1),
-        _Loader(n_batches),
+    return toy_trainer(
+        ToyLoader(n_batches),
         iterations_per_epoch=iterations_per_epoch,
         max_iterations=iterations_per_epoch * epochs,
-        update_interval="step",
-        device=torch.device("cpu"),
         accumulation=accumulation,
     )
 
