@@ -93,6 +93,10 @@ def test_solarize_at_magnitude_10_is_invert():
     # below the overflow it is an ordinary solarize: threshold int(0.5 * 256) = 128
     out = bv.OPS["Solarize"](GRADIENT, bv.level_to_arg("Solarize", 5))
     np.testing.assert_array_equal(out, np.where(GRADIENT < 128, GRADIENT, 255 - GRADIENT))
+    # past big_vision's _MAX_LEVEL (its i1k "medium" randaug(2, 15)): 384 wraps to 128 in uint8
+    out = bv.OPS["Solarize"](GRADIENT, bv.level_to_arg("Solarize", 15))
+    np.testing.assert_array_equal(out, np.where(GRADIENT < 128, GRADIENT, 255 - GRADIENT))
+    assert bv.BigVisionRandAugment(2, 20).args["Posterize"] == 8  # no bits dropped; 21 is refused
 
 
 def test_contrast_bug_blends_with_196_on_224_squared():
@@ -184,7 +188,7 @@ def test_transform_on_pil_images_and_registry():
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"magnitude": 11}, "magnitude"), ({"num_layers": -1}, "num_layers"), ({"fill": 300}, "fill"),
+    [({"magnitude": 21}, "magnitude"), ({"num_layers": -1}, "num_layers"), ({"fill": 300}, "fill"),
      ({"contrast_bug": "yes"}, "contrast_bug"), ({"translate_const": -5}, "translate_const")],
 )  # fmt: skip
 def test_bad_arguments_are_config_errors(kwargs, key):

@@ -14,7 +14,8 @@ Why this is our own code and not torchvision's or timm's RandAugment (or ours in
 differences move the grey-level spectrum of the augmented images:
 
 - the op set: 16 ops, no Identity (torchvision: 14 with Identity; timm / VISSL: 15, ``prob`` 0.5);
-- the magnitude scale: M=10 is the maximum (torchvision's ``magnitude=10`` is 10 of its 31 bins);
+- the magnitude scale: M=10 is big_vision's _MAX_LEVEL (torchvision's ``magnitude=10`` is 10 of its 31 bins);
+  big_vision's i1k / i21k configs go past it, to 15 and 20, and so may this one;
 - fill grey 128 (torchvision: 0) and **nearest** resampling (timm / VISSL: bilinear or bicubic);
 - Shear is the projective map ``x' = x + l y`` about the **top-left origin**, ``l`` the factor
   itself, read by TF's kernel (torchvision reaches the same map through ``F.affine`` with the
@@ -331,7 +332,8 @@ class BigVisionRandAugment:
     Args:
         num_layers: operations per image, each drawn uniformly from the 16 (with replacement)
             and always applied (big_vision: 2).
-        magnitude: the fixed level of every operation, 0-10 (big_vision: 10; no noise).
+        magnitude: the fixed level of every operation, 0-20 (big_vision's S/16 recipe: 10; its
+            i1k / i21k configs also 15 and 20; no noise).
         contrast_bug: True = Contrast as big_vision ships it (grey level H W / 256); False = the
             mean grey level (mup-vit's fix).
         cutout_const: the Cutout half-side at magnitude 10, in pixels (big_vision: 40).
@@ -353,8 +355,11 @@ class BigVisionRandAugment:
     ) -> None:
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 0:
             raise ConfigError(f"BigVisionRandAugment: num_layers must be an integer >= 0, got {num_layers!r}")
-        if not 0 <= magnitude <= MAX_LEVEL:
-            raise ConfigError(f"BigVisionRandAugment: magnitude must be in [0, 10], got {magnitude!r}")
+        # big_vision's own ImageNet-1k / 21k configs also use 15 ("medium") and 20 ("strong"): its
+        # code scales every argument past _MAX_LEVEL, and so does this one (checked against it at
+        # 15 and 20, tools/parity). Past 20 Posterize would shift by a negative count.
+        if not 0 <= magnitude <= 2 * MAX_LEVEL:
+            raise ConfigError(f"BigVisionRandAugment: magnitude must be in [0, 20], got {magnitude!r}")
         if not isinstance(contrast_bug, bool):
             raise ConfigError(f"BigVisionRandAugment: contrast_bug must be true or false, got {contrast_bug!r}")
         for key, value in (("cutout_const", cutout_const), ("translate_const", translate_const)):
