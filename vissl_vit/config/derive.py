@@ -431,6 +431,13 @@ def class_count(cfg: DictConfig, split: str) -> tuple[int | None, str]:
             if not classes:
                 return None, f"config.DATA.{split}.DATA_PATHS[{k}]='{path}' has no class folders (a flat folder)"
             counts.append((len(classes), f"the class folders of '{path}'"))
+        elif source == "tar_shards":
+            from vissl_vit.data.datasets.shards import ShardSource
+
+            shards = ShardSource(path)  # reads the shards' index (cached beside them after the first time)
+            if shards.flat:
+                return None, f"config.DATA.{split}.DATA_PATHS[{k}]='{path}' has no .cls labels (unlabeled shards)"
+            counts.append((len(shards.classes), f"the .cls labels of '{path}'"))
         elif source == "torchvision_dataset" and name in _TORCHVISION_CLASSES:
             counts.append((_TORCHVISION_CLASSES[name], name))
         elif source == "disk_filelist" and k < len(d.LABEL_PATHS) and os.path.isfile(str(d.LABEL_PATHS[k])):

@@ -711,6 +711,14 @@ def check_data_folders(cfg: DictConfig) -> None:
         folders[split] = []
         for k, source in enumerate(d.DATA_SOURCES):
             path = str(d.DATA_PATHS[k]) if k < len(d.DATA_PATHS) else ""
+            if source == "tar_shards" and why:
+                from vissl_vit.data.datasets.shards import ShardSource
+
+                if ShardSource(path).flat:
+                    raise ConfigError(
+                        f"config.DATA.{split}.DATA_PATHS[{k}]='{path}': the shards have no .cls labels, but {why}: "
+                        "write them from a folder of class folders (tools/make_shards.py), or train self-supervised."
+                    )
             if source != "disk_folder" or not os.path.isdir(path):
                 continue
             classes = class_folders(path)

@@ -65,7 +65,7 @@ def build_dataset(cfg: DictConfig, split: str) -> VisslDataset:
 SIZE_TRANSFORMS = frozenset(
     {"RandomResizedCrop", "Resize", "CenterCrop", "RandomCrop", "FiveCrop", "TenCrop", "ImgPilToMultiCrop"}
 )
-_DISK_SOURCES = ("disk_folder", "disk_filelist")  # images of any size, each its own
+_DISK_SOURCES = ("disk_folder", "disk_filelist", "tar_shards")  # images of any size, each its own
 
 
 def sets_image_size(entries: list[dict[str, Any]]) -> bool:

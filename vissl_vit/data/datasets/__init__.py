@@ -1,3 +1,3 @@
 """Data sources, registered by name in DATASETS (the names of DATA.*.DATA_SOURCES)."""
 
-from vissl_vit.data.datasets import disk, synthetic, torchvision_files  # noqa: F401  (registration)
+from vissl_vit.data.datasets import disk, shards, synthetic, torchvision_files  # noqa: F401  (registration)
