@@ -223,3 +223,18 @@ def test_a_head_chain_on_one_feature_runs_as_one_chain(pretrained):
         expected = model.heads[1](model.heads[0](model.trunk(x)[0]))
     assert len(out) == 1 and out[0].shape == (2, 8)
     torch.testing.assert_close(out[0], expected)
+
+
+def test_extraction_shows_a_bar_per_split_on_a_terminal_and_writes_env_json(tmp_path, pretrained, monkeypatch):
+    import io
+    import json
+    import sys
+
+    fake = io.StringIO()
+    fake.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", fake)
+    features = _extract(tmp_path, "bar", 1, pretrained)
+    bars = fake.getvalue()
+    assert "extract TRAIN" in bars and "extract TEST" in bars and "batch" in bars
+    env = json.loads((features.parent / "env.json").read_text())
+    assert env["world_size"] == 1 and env["torch"] == __import__("torch").__version__

@@ -38,7 +38,7 @@ from vissl_vit.models import apply_weights_init, build_model
 from vissl_vit.models.feature_eval import FeatureEvalModel, feature_names, parse_pool_ops_map
 from vissl_vit.utils.distributed import get_world_size
 from vissl_vit.utils.environment import write_environment
-from vissl_vit.utils.logging import setup_logging
+from vissl_vit.utils.logging import progress_bar, setup_logging
 from vissl_vit.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def _extract_split(
     dtype: torch.dtype | None,
     names: list[str],
     shard: Any,
+    bar: Any = None,
 ) -> tuple[int, dict[int, str]]:
     """Write this rank's shards, streaming the features into memory-mapped .npy files (so a rank
     never holds its share in memory); returns the number of images written and the unreadable
@@ -122,6 +123,7 @@ def _extract_split(
 
     Args:
         shard: ``shard(name, kind)`` -> the path of one of this rank's shard files.
+        bar: a progress bar (``progress_bar``) advanced per batch, or None.
     """
     n = len(loader.sampler)
     inds, targets = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -149,6 +151,8 @@ def _extract_split(
         inds[pos : pos + b] = batch["index"].numpy()
         targets[pos : pos + b] = batch["label"].numpy()
         pos += b
+        if bar is not None:
+            bar.update(1)
     for name, mm in zip(names, feats):
         mm.flush()
         del mm
@@ -224,7 +228,13 @@ def extract_features(cfg: DictConfig, rank: int, world_size: int, device: torch.
         if rank == 0:
             log_data_summary(cfg, split, dataset)
         loader = build_dataloader(cfg, split, dataset, rank, world_size, device, for_extraction=True)
-        _, bad = _extract_split(model, loader, trunk_only, device, dtype, names, shard)
+        show = rank == 0 and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR
+        bar = progress_bar(show, len(loader), f"extract {split}", unit="batch")  # on a terminal only
+        try:
+            _, bad = _extract_split(model, loader, trunk_only, device, dtype, names, shard, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         # every rank takes part in the gather and raises alike: no rank is left waiting in the barrier
         tally = BadImages(split, len(dataset), cfg.DATA.MAX_BAD_IMAGE_FRACTION)
         tally.report_and_check(gather_objects(bad), " during feature extraction")
