@@ -13,7 +13,7 @@ from vissl_vit import build_loss, build_model, build_optimizer, compose_config, 
 from vissl_vit.config import list_configs
 from vissl_vit.optim import build_lr_scheduler
 
-OVERLAY_DIRS = ("overlays", "models")
+OVERLAY_DIRS = ("overlays", "models", "heads")
 # an overlay folder -> the config it is composed over in this test
 OVERLAY_BASES = {
     "test/overlays": "test/quick_vit",
@@ -21,6 +21,7 @@ OVERLAY_BASES = {
     "pretrain/vision_transformer/supervised/models": "pretrain/vision_transformer/supervised/1gpu_vit_example",
     "pretrain/vision_transformer/supervised/deit/models": "pretrain/vision_transformer/supervised/deit/in1k_300ep",
     "pretrain/vision_transformer/supervised/deit3/models": "pretrain/vision_transformer/supervised/deit3/in1k_800ep",
+    "pretrain/vision_transformer/supervised/simplevit/heads": "pretrain/vision_transformer/supervised/simplevit_s16_i1k",
     "pretrain/vision_transformer/moco/models": "pretrain/vision_transformer/moco/vit_s16_mocov3",
     "pretrain/vision_transformer/swav/models": "pretrain/vision_transformer/swav/deit_s16",
     "benchmark/linear_image_classification/fashion_mnist/models": (
@@ -43,7 +44,12 @@ OVERLAYS = [c for c in list_configs() if set(Path(c).parts) & set(OVERLAY_DIRS)]
 def _build(overrides: list[str]) -> None:
     cfg = compose_config(overrides).config
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
-    derived = derive_run_values(cfg, train_dataset_size=4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)
+    size = 4 * cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    if lr.name == "big_vision":  # a warm-up counted in steps needs a run longer than it
+        epochs = max(cfg.OPTIMIZER.num_epochs, 1)
+        size = max(size, -(-(lr.warmup_steps + 2) // epochs) * size // 4 * cfg.OPTIMIZER.grad_accumulation_steps)
+    derived = derive_run_values(cfg, train_dataset_size=size)
     vit = cfg.MODEL.TRUNK.VISION_TRANSFORMERS
     small = vit.HIDDEN_DIM <= 128
     # the published sizes (ViT-B/L, ConViT-B) are built on the meta device: their structure, parameter

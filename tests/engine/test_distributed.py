@@ -110,6 +110,7 @@ def test_two_nodes_on_loopback(tmp_path):
         "config.DISTRIBUTED.NUM_NODES=2",
         f"config.DISTRIBUTED.RUN_ID=127.0.0.1:{port}",
         f"config.CHECKPOINT.DIR={run}",
+        "config.LOG_ALL_RANKS=True",  # node 1's console shows rank 1's lines (by default only warnings)
     ]
     nodes = [
         subprocess.Popen(
