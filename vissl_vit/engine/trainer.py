@@ -228,7 +228,7 @@ class Trainer:
         self._skip: torch.Tensor | None = None  # set on the device by a guard: no update until the next sync
         # on the CPU the host is the device: reading a flag waits for nothing, so a flagged step is
         # skipped by reading it (exact, optimizer state included) instead of restoring the weights
-        # (a copy of every parameter per step, about 5% of a ViT-Ti step on 2 cores); tests set it
+        # (a copy of every parameter per step, about 2% of a ViT-Ti step on 2 cores); tests set it
         # False to run the path a GPU takes
         self.read_flags_on_host = device.type == "cpu"
 
