@@ -51,7 +51,10 @@ RUNS["deit_recipe"] = RUNS["supervised"] + [
     "config.DATA.TRAIN.REPEATED_AUGMENTATIONS=3",
 ]
 # SwAV's queue resume is covered by a faster test; this one runs outside CI (-m long)
-CASES = [pytest.param(name, marks=pytest.mark.long) if name == "swav" else name for name in RUNS]
+# long (outside CI): swav, and supervised, whose path deit_recipe runs with EMA, layer decay, LAMB and
+# repeated augmentation on top
+LONG_CASES = ("swav", "supervised")
+CASES = [pytest.param(name, marks=pytest.mark.long) if name in LONG_CASES else name for name in RUNS]
 
 
 def _final_state(run_dir) -> dict[str, torch.Tensor]:

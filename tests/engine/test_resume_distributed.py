@@ -126,6 +126,8 @@ def _swav(run_dir, *args) -> dict[int, float]:
     return read_losses(run_dir)
 
 
+@pytest.mark.long  # its parts run faster elsewhere: test_resume_with_another_world_size_says_what_changed
+# (tests/engine/test_distributed.py) and the queue redistribution (tests/losses/test_swav_state.py)
 def test_swav_queue_resumes_at_another_world_size(tmp_path):
     # an epoch on 2 processes, then one on 1 (4 iterations per epoch either way); the queue (32: two
     # global batches) is full after the first epoch and its halves must join into one queue
