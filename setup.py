@@ -51,6 +51,10 @@ setup(
         "tqdm",
         "faiss-cpu>=1.7",
         "safetensors>=0.4",
+        # pictures of a run (tools/plot_*.py, HOOKS.PICTURES)
+        "matplotlib>=3.5",
+        # Shampoo (OPTIMIZER.name: shampoo): its ScalableShampoo, with grafting
+        "pytorch-optimizer>=4.0",
     ],
     # parity: TensorFlow, for the optional tests of big_vision's crop, resize and RandAugment against
     # TensorFlow's own ops (skipped without it)

@@ -22,6 +22,12 @@ OVERLAY_BASES = {
     "pretrain/vision_transformer/supervised/deit/models": "pretrain/vision_transformer/supervised/deit/in1k_300ep",
     "pretrain/vision_transformer/supervised/deit3/models": "pretrain/vision_transformer/supervised/deit3/in1k_800ep",
     "pretrain/vision_transformer/supervised/simplevit/heads": "pretrain/vision_transformer/supervised/simplevit_s16_i1k",
+    "pretrain/vision_transformer/supervised/rescalevit/overlays": (
+        "pretrain/vision_transformer/supervised/rescalevit/cifar10_b16"
+    ),
+    "pretrain/vision_transformer/supervised/simplest/overlays": (
+        "pretrain/vision_transformer/supervised/simplest/cifar10_s4_tat"
+    ),
     "pretrain/vision_transformer/moco/models": "pretrain/vision_transformer/moco/vit_s16_mocov3",
     "pretrain/vision_transformer/swav/models": "pretrain/vision_transformer/swav/deit_s16",
     "benchmark/linear_image_classification/fashion_mnist/models": (

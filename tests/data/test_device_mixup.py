@@ -95,6 +95,34 @@ def test_config_off_by_default_and_auto_classes():
     assert (mix.p, mix.num_classes) == (0.2, 4)
 
 
+def test_permutation_partner_is_simplest_vits_mix_mixup(monkeypatch):
+    """partner: permutation (SimplEsT-ViT's mix_mixup): sample i with sample perm[i], the same a; the
+    permutation is a function of (seed, rank, iteration), and a does not change with the rule."""
+    mix = DeviceMixup(0.2, 7, seed=3, partner="permutation")
+    x, y = _batch()
+    images, soft = mix(x, y, iteration=11, rank=1)
+    a = mix.draw(11, 1)
+    assert a == DeviceMixup(0.2, 7, seed=3).draw(11, 1)
+    perm = mix.order(5, 11, 1)
+    assert sorted(perm.tolist()) == list(range(5))
+    one_hot = F.one_hot(y, 7).float()
+    for i in range(5):
+        torch.testing.assert_close(images[i], a * x[i] + (1 - a) * x[perm[i]], rtol=0, atol=0)
+        torch.testing.assert_close(soft[i], a * one_hot[i] + (1 - a) * one_hot[perm[i]], rtol=0, atol=0)
+    orders = {tuple(mix.order(5, it, 0).tolist()) for it in range(40)}
+    assert len(orders) > 20  # a new order every step, not a fixed one
+    cfg = compose_config(
+        [
+            "config=test/quick_vit",
+            "config.DATA.TRAIN.DEVICE_MIXUP.p=0.2",
+            "config.DATA.TRAIN.DEVICE_MIXUP.partner=permutation",
+        ]
+    ).config
+    assert build_device_mixup(cfg, 0).partner == "permutation"
+    with pytest.raises(ConfigError, match="partner='shuffle'"):
+        DeviceMixup(0.2, 7, 0, partner="shuffle")
+
+
 @pytest.mark.parametrize(("p", "classes", "match"), [(-0.1, 4, "p=-0.1"), (0.2, 0, "num_classes=0")])
 def test_bad_values_are_config_errors(p, classes, match):
     with pytest.raises(ConfigError, match=match):

@@ -35,3 +35,17 @@ def test_fill_in_other_modes_and_bad_fill():
     assert out.getpixel((15, 15)) == 124  # past the right edge; a one-band image takes the first value
     with pytest.raises(ConfigError, match="fill"):
         RandAugment(fill=[300, 0, 0])
+
+
+def test_torchvision_prefix_names_torchvisions_class_over_the_registry():
+    """``torchvision.RandAugment`` is torchvision's (SimplEsT-ViT's CIFAR recipe: RandAugment(2, 10),
+    14 ops, zero fill), while ``RandAugment`` stays VISSL's; a wrong name after the prefix is refused."""
+    import torchvision.transforms as T
+
+    from vissl_vit.data.transforms.build import build_transform
+
+    tv = build_transform({"name": "torchvision.RandAugment", "num_ops": 2, "magnitude": 10}, "t")
+    assert type(tv) is T.RandAugment and (tv.num_ops, tv.magnitude) == (2, 10)
+    assert isinstance(build_transform({"name": "RandAugment"}, "t"), RandAugment)
+    with pytest.raises(ConfigError, match="RandAugmnt"):
+        build_transform({"name": "torchvision.RandAugmnt"}, "t")

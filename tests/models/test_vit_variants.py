@@ -113,6 +113,35 @@ def test_moco_init_is_moco_v3s():
     assert t.blocks[0].attn.qkv.bias.abs().max() == 0 and t.cls_token.std().item() < 1e-5
 
 
+def test_rescalevit_init_is_jeonsworlds():
+    """RescaleViT's modeling.py: zero position embedding and class token, PyTorch's default
+    U(+-1/sqrt(fan_in)) for the patch projection and q, k, v, out (weights and biases), xavier MLP
+    kernels with biases N(0, 1e-6); its classifier is PyTorch's default too."""
+    from vissl_vit.models.heads.mlp import MLP
+
+    torch.manual_seed(0)
+    D, M, p = 192, 768, 16
+    t = VisionTransformer(
+        image_size=32, patch_size=p, num_layers=1, num_heads=3, hidden_dim=D, mlp_dim=M, qkv_bias=True,
+        weight_init="rescalevit",
+    )  # fmt: skip
+    assert t.pos_embed.abs().max() == 0 and t.cls_token.abs().max() == 0
+    for lin in (t.blocks[0].attn.qkv, t.blocks[0].attn.proj):
+        bound = 1 / math.sqrt(D)
+        assert lin.weight.abs().max() <= bound and lin.weight.std().item() == pytest.approx(
+            bound / math.sqrt(3), rel=0.03
+        )
+        assert lin.bias.abs().max() <= bound and lin.bias.abs().max() > bound / 2
+    fc1 = t.blocks[0].mlp.fc1
+    assert fc1.weight.std().item() == pytest.approx(math.sqrt(2 / (D + M)), rel=0.03)
+    assert 0 < fc1.bias.std().item() < 3e-6
+    w = t.patch_embed.proj.weight
+    assert w.abs().max() <= 1 / math.sqrt(3 * p * p)
+    head = MLP([D, 10], weight_init="default").clf[0]
+    assert head.weight.abs().max() <= 1 / math.sqrt(D) and head.weight.std().item() > 0.03
+    assert MLP([D, 10]).clf[0].weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
 def test_espa_blocks_keep_their_own_init_under_every_scheme():
     kw = dict(image_size=16, patch_size=4, num_layers=8, num_heads=2, hidden_dim=32, mlp_dim=64)
     kw |= dict(block="espa", norm_layer="none", use_class_token=False, classifier="gap")

@@ -283,6 +283,9 @@ def check_cross_keys(cfg: DictConfig) -> None:
         parse_slice(cfg.DATA[split].get("SLICE", ""), f"config.DATA.{split}.SLICE")  # a bad slice now, not at build
     _check_device_mixup(cfg)
     _check_lr_values(cfg)
+    from vissl_vit.engine.hooks.pictures import check_pictures  # every rank, before anything runs
+
+    check_pictures(list(cfg.HOOKS.PICTURES.DRAW))
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
 
@@ -298,6 +301,11 @@ def _check_device_mixup(cfg: DictConfig) -> None:
         raise ConfigError(f"{where}.p={p!r}: expected the Beta parameter, a number >= 0 (0: off).")
     if p == 0:
         return
+    from vissl_vit.data.collators.device_mixup import DeviceMixup
+
+    partner = node.get("partner", "roll")
+    if partner not in DeviceMixup.PARTNERS:
+        raise ConfigError(f"{where}.partner={partner!r}: expected one of {', '.join(DeviceMixup.PARTNERS)}.")
     if cfg.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator":
         raise ConfigError(
             f"{where}.p={p} and config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator both mix the batch: "

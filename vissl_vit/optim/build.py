@@ -126,6 +126,41 @@ def lamb(
     )
 
 
+@OPTIMIZERS.register("shampoo")
+def shampoo(
+    groups: list[dict],
+    lr: float,
+    betas: list[float],
+    eps: float,
+    nesterov: bool,
+    start_preconditioning_step: int = 25,
+    preconditioning_compute_steps: int = 25,
+    statistics_compute_steps: int = 1,
+    block_size: int = 8192,
+    no_preconditioning_for_layers_with_dim_gt: int | None = None,
+    skip_preconditioning_rank_lt: int = 1,
+    shape_interpretation: bool = False,
+    pre_conditioner_type: str = "all",
+    graft_type: str = "rmsprop",
+    moving_average_for_momentum: bool = True,
+    weight_decay_type: str = "l2",
+    bias_correction: bool = True,
+    use_svd: bool = True,
+    root_inverse_eps: float = 1e-12,
+    matrix_eps: float = 0.0,
+    inverse_exponent_override: int = 0,
+) -> torch.optim.Optimizer:
+    """Shampoo with Adam grafting: ``pytorch_optimizer.ScalableShampoo`` with the seed's weight
+    decay, bias correction and epsilon, and plain-tensor checkpoints (``optim/shampoo.py``, whose
+    docstring maps SimplEsT-ViT's Distributed Shampoo settings and says what differs). ``eps`` is
+    the graft's epsilon (``grafting_epsilon``), ``betas`` the momentum and the factor matrices' /
+    graft's EMA, ``nesterov`` the flat key; the defaults are the seed's Shampoo@25."""
+    from vissl_vit.optim.shampoo import build_shampoo
+
+    settings = {k: v for k, v in locals().items() if k not in ("groups", "lr", "betas", "eps", "build_shampoo")}
+    return build_shampoo(groups, lr, betas, eps, settings, "config.OPTIMIZER.shampoo")
+
+
 def optimizer_kwargs(o: DictConfig) -> dict:
     """The keyword arguments of ``OPTIMIZER.name``'s function: the flat VISSL keys its signature
     names, then its section ``OPTIMIZER.<name>`` (a key in both places is an error)."""

@@ -10,6 +10,11 @@ state to save (a resumed run draws the same ``a`` at the same step), each proces
 each big_vision device, and no device-to-host sync (``a`` is a Python float). Only the mixing runs
 on the images' device, in their dtype. Not a collator (COLLATE_FUNCTION): the trainer calls it
 after the transfer, so a GPU run pays two multiply-adds per batch and the loader workers nothing.
+
+``partner: permutation`` mixes each image with the batch in a random order instead, as SimplEsT-ViT's
+``tricks/mixup.py::mix_mixup`` does (``torch.randperm``; its own share ``1 - min(z, 1 - z)``, the same
+``a``); the order is drawn from the same ``(seed, rank, iteration)`` generator, so it resumes too. A
+permutation may pair an image with itself; the roll never does.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ class DeviceMixup:
         p: the Beta parameter (> 0; big_vision's vit_s16_i1k: 0.2).
         num_classes: classes of the one-hot targets.
         seed: the run's seed (``SEED_VALUE``); with the rank and the iteration, it seeds each draw.
+        partner: ``roll`` (big_vision: sample i with sample i - 1) or ``permutation`` (SimplEsT-ViT:
+            sample i with sample perm[i] of a random permutation).
     """
 
-    def __init__(self, p: float, num_classes: int, seed: int) -> None:
+    PARTNERS = ("roll", "permutation")
+
+    def __init__(self, p: float, num_classes: int, seed: int, partner: str = "roll") -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
             raise ConfigError(f"config.DATA.TRAIN.DEVICE_MIXUP.p={p!r}: expected a Beta parameter > 0 (0 is off).")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -37,12 +46,26 @@ class DeviceMixup:
                 f"config.DATA.TRAIN.DEVICE_MIXUP.num_classes={num_classes!r}: expected a number of classes >= 1 "
                 "(or auto)."
             )
-        self.p, self.num_classes, self.seed = float(p), num_classes, int(seed)
+        if partner not in self.PARTNERS:
+            raise ConfigError(
+                f"config.DATA.TRAIN.DEVICE_MIXUP.partner={partner!r}: expected one of {', '.join(self.PARTNERS)}."
+            )
+        self.p, self.num_classes, self.seed, self.partner = float(p), num_classes, int(seed), partner
+
+    def _rng(self, iteration: int, rank: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, rank, iteration])
 
     def draw(self, iteration: int, rank: int) -> float:
         """``max(a, 1 - a)``, ``a ~ Beta(p, p)``, from the generator of ``(seed, rank, iteration)``."""
-        a = float(np.random.default_rng([self.seed, rank, iteration]).beta(self.p, self.p))
+        a = float(self._rng(iteration, rank).beta(self.p, self.p))
         return max(a, 1.0 - a)
+
+    def order(self, batch: int, iteration: int, rank: int) -> np.ndarray:
+        """The partner of each sample for ``partner: permutation``: drawn after ``a``, from the same
+        generator (so the draw of ``a`` does not depend on the partner rule)."""
+        rng = self._rng(iteration, rank)
+        rng.beta(self.p, self.p)
+        return rng.permutation(batch)
 
     def soft_target(self, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """One-hot ``[B, C]`` from class indices ``[B]``; a ``[B, C]`` distribution is kept as it is.
@@ -71,6 +94,9 @@ class DeviceMixup:
         """
         a = self.draw(iteration, rank)
         soft = self.soft_target(target, torch.float32)
+        if self.partner == "permutation":
+            idx = torch.from_numpy(self.order(images.shape[0], iteration, rank)).to(images.device)
+            return a * images + (1.0 - a) * images[idx], a * soft + (1.0 - a) * soft[idx]
         # sample i with sample i - 1 (sample 0 with the last): jnp.roll(x, 1, axis=0)
         return a * images + (1.0 - a) * images.roll(1, 0), a * soft + (1.0 - a) * soft.roll(1, 0)
 
@@ -85,4 +111,4 @@ def build_device_mixup(cfg: object, seed: int) -> DeviceMixup | None:
     node = cfg.DATA.TRAIN.get("DEVICE_MIXUP")  # type: ignore[attr-defined]
     if node is None or node.get("p", 0) == 0:
         return None
-    return DeviceMixup(node.p, node.num_classes, seed)
+    return DeviceMixup(node.p, node.num_classes, seed, node.get("partner", "roll"))

@@ -16,6 +16,10 @@ torchvision's containers take their transforms as a nested list of entries, buil
 A torchvision argument whose value is an enum takes its name as a string, in any case:
 ``interpolation: bicubic`` becomes ``InterpolationMode.BICUBIC``, ``policy: cifar10``
 ``AutoAugmentPolicy.CIFAR10``.
+
+``torchvision.<Name>`` names torchvision's class even where vissl_vit registers a transform of the
+same name: ``torchvision.RandAugment`` is torchvision's (14 ops, zero fill, ``num_ops`` /
+``magnitude`` out of 31 bins), ``RandAugment`` VISSL's.
 """
 
 from __future__ import annotations
@@ -105,8 +109,11 @@ def build_transform(entry: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: each transform is a mapping with a 'name' key, got {entry!r}.")
     kwargs = {k: v for k, v in entry.items() if k not in ("name", "indices")}
     name = entry["name"]
-    if name in TRANSFORMS.names():
+    explicit = isinstance(name, str) and name.startswith("torchvision.")
+    if not explicit and name in TRANSFORMS.names():
         return call_with_kwargs(TRANSFORMS.get(name), kwargs, f"{where} '{name}'")
+    if explicit:
+        name = name[len("torchvision.") :]
     cls = getattr(T, name, None)
     if isinstance(cls, type):
         kwargs = _torchvision_kwargs(cls, kwargs, f"{where} '{name}'")

@@ -15,6 +15,7 @@ from vissl_vit.engine.hooks.guards import BadImageHook, NanLossHook
 from vissl_vit.engine.hooks.loggers import CsvLoggerHook, MetricsLogger, MlflowLoggerHook, WandbLoggerHook
 from vissl_vit.engine.hooks.logging_hooks import EnvironmentHook, EpochSummaryHook, LogHook, ProgressBarHook
 from vissl_vit.engine.hooks.phases import TestHook, TrainMeterHook
+from vissl_vit.engine.hooks.pictures import PicturesHook
 
 __all__ = [
     "BadImageHook",
@@ -25,6 +26,7 @@ __all__ = [
     "FreezeParamsHook",
     "MomentumEncoderHook",
     "NormalizePrototypesHook",
+    "PicturesHook",
     "Preempted",
     "PreemptionHook",
     "CheckpointHook",

@@ -26,6 +26,7 @@ from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.checkpoint_hook import unwrap
 from vissl_vit.engine.hooks.ema import EmaModelHook
 from vissl_vit.engine.hooks.loggers import import_for
+from vissl_vit.engine.hooks.logging_hooks import run_hparams
 from vissl_vit.engine.hooks.phases import PhaseWriter
 from vissl_vit.errors import ConfigError
 from vissl_vit.meters import build_meter
@@ -233,6 +234,7 @@ def build_hooks(
             tb_writer=ctx.tb,
             world_size=ctx.world_size,
             all_reduce=all_reduce_sum,
+            hparams=run_hparams(cfg, ctx.world_size) if ctx.tb is not None else None,
         )
     )
     show_bars = ctx.primary and cfg.HOOKS.PROGRESS_BAR.USE_PROGRESS_BAR
@@ -303,4 +305,19 @@ def build_hooks(
             world_size=ctx.world_size,
         )
     )
+    # 9. Pictures last, in after_train: after the checkpoint hook has written the final weights
+    #    (they are read back from the run folder) and the loggers have closed their files.
+    p = cfg.HOOKS.PICTURES
+    if ctx.primary and p.DRAW:
+        hooks.append(
+            _hook(
+                "pictures_hook",
+                "config.HOOKS.PICTURES",
+                run_dir=ctx.run_dir,
+                cfg=cfg,
+                draw=list(p.DRAW),
+                attention_blocks=list(p.ATTENTION_BLOCKS),
+                num_images=p.NUM_IMAGES,
+            )
+        )
     return hooks

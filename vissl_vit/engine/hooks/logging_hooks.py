@@ -3,10 +3,13 @@ line per epoch and results table, and the run's env.json."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.engine.hooks.base import HookBase
 from vissl_vit.engine.hooks.loggers import MetricsLogger, metrics_loggers
@@ -25,11 +28,84 @@ from vissl_vit.utils.logging import (
 
 logger = logging.getLogger(__name__)
 
+# TensorBoard's section of the per-step scalars (the LogHook's); the phases' means are under
+# "train/" and "test/" (phases.PhaseWriter). The same prefix as W&B's and MLflow's step scalars.
+STEP_TAG = "step"
+# The metrics the HParams tab shows beside the hyper-parameters: tags the PhaseWriter writes.
+HPARAM_METRICS = ("train/loss", "test/loss", "test/top_1/0")
+
+
+def _scalar(v: Any) -> bool | int | float | str:
+    """A value TensorBoard's HParams tab takes: bool, number or string (anything else as text)."""
+    return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def run_hparams(cfg: DictConfig, world_size: int) -> dict[str, bool | int | float | str]:
+    """The run's main hyper-parameters, flat, for TensorBoard's HParams tab: trunk, loss, optimizer
+    and its weight decay, length, batch sizes, seed, and every keyword argument of the trunk
+    (``trunk.<kwarg>``, e.g. ``trunk.norm_layer``: what the comparisons of issue 16 vary).
+
+    Args:
+        cfg: the ``config`` node.
+        world_size: processes in the run (the global batch).
+    """
+    from vissl_vit.models.trunks.base import trunk_class
+
+    o, d = cfg.OPTIMIZER, cfg.DATA.TRAIN
+    h: dict[str, Any] = {
+        "trunk": cfg.MODEL.TRUNK.NAME,
+        "loss": cfg.LOSS.name,
+        "optimizer": o.name,
+        "weight_decay": o.weight_decay,
+        "lr_schedule": o.param_schedulers.lr.name,
+        "num_epochs": o.num_epochs,
+        "num_train_steps": o.num_train_steps,
+        "batch_size_per_replica": d.BATCHSIZE_PER_REPLICA,
+        "global_batch_size": d.BATCHSIZE_PER_REPLICA * world_size * o.grad_accumulation_steps,
+        "world_size": world_size,
+        "seed": cfg.SEED_VALUE,
+        "collate_function": d.COLLATE_FUNCTION,
+    }
+    kwargs = trunk_class(cfg.MODEL.TRUNK).kwargs_from_config(cfg.MODEL.TRUNK)
+    h.update({f"trunk.{k}": v for k, v in kwargs.items()})
+    return {k: _scalar(OmegaConf.to_container(v) if isinstance(v, DictConfig) else v) for k, v in h.items()}
+
+
+def _fresh_writer(tb: Any) -> bool:
+    """Whether ``tb``'s folder holds no event file but its own (no earlier process wrote there)."""
+    return len(glob.glob(os.path.join(tb.get_logdir(), "events.out.tfevents.*"))) <= 1
+
+
+def write_hparams(tb: Any, hparams: dict[str, Any], step: int) -> None:
+    """``hparams`` to the HParams tab (linked to :data:`HPARAM_METRICS`) and, as a markdown table,
+    to the Text tab under the tag ``hparams``; written to ``tb``'s own event file."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    values = {k: _scalar(v) for k, v in hparams.items()}
+    exp, ssi, sei = hparams_summary(values, {m: 0.0 for m in HPARAM_METRICS})
+    writer = tb._get_file_writer()  # SummaryWriter.add_hparams would open a writer in a sub-folder
+    for summary in (exp, ssi, sei):
+        writer.add_summary(summary, step)
+    table = "| hyper-parameter | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in values.items())
+    tb.add_text("hparams", table, step)
+
 
 @HOOKS.register("log_hook")
 class LogHook(HookBase):
     """Every ``log_frequency`` steps (and the last): a line in log.txt, stdout.json and tensorboard,
     and the same record to every metrics logger (CSV, W&B, MLflow: see loggers.py).
+
+    TensorBoard tags: the step's values go under ``step/`` (``step/loss``, ``step/lr``,
+    ``step/images_per_sec``, at the completed iteration), as for W&B and MLflow; the phases' means
+    (``train/loss``, ``test/loss``, ``test/top_1/0``, ...) are the PhaseWriter's (phases.py), so the
+    step loss and the epoch mean never share a tag. Before the first step, on the writer's rank
+    (rank 0), the run's hyper-parameters (``hparams``, plus the schedule's peak ``lr_peak``) go to
+    TensorBoard's HParams tab and, as a table, to its Text tab (tag ``hparams``): once per run, in the
+    run's own event folder (``tb_logs``, not a sub-folder as ``SummaryWriter.add_hparams`` would),
+    so the HParams tab links them to the ``train/loss`` and ``test/...`` curves. A resume writes
+    them again only when the writer is fresh, i.e. ``tb_logs`` holds no event file of an earlier
+    process (the run was resumed with tensorboard newly on, or the folder was cleared); a run from
+    scratch (iteration 0) always writes them.
 
     stdout.json fields: iteration (completed steps), epoch (from 0), loss (this step's), lr,
     images_per_sec (since the previous line, this process x world size), eta_seconds, time (unix
@@ -45,17 +121,31 @@ class LogHook(HookBase):
         tb_writer: tensorboard SummaryWriter, or None.
         world_size: processes (images/s counts the global batch).
         all_reduce: sums a tensor over ranks (the logged loss is the mean over ranks).
+        hparams: the run's hyper-parameters for TensorBoard (:func:`run_hparams`); None or empty:
+            none written.
     """
 
     def __init__(
-        self, log_frequency: int, stdout_json: JsonLinesWriter | None, tb_writer: Any, world_size: int, all_reduce: Any
+        self,
+        log_frequency: int,
+        stdout_json: JsonLinesWriter | None,
+        tb_writer: Any,
+        world_size: int,
+        all_reduce: Any,
+        hparams: dict[str, Any] | None = None,
     ) -> None:
         self.log_frequency, self.stdout_json, self.tb = log_frequency, stdout_json, tb_writer
         self.world_size, self.all_reduce = world_size, all_reduce
+        self.hparams = dict(hparams or {})
 
     def before_train(self) -> None:
         self._t0, self._it0, self._images = time.perf_counter(), self.trainer.iteration, 0
         self._start_t, self._start_it = self._t0, self.trainer.iteration
+        if self.tb is not None and self.hparams and (self.trainer.iteration == 0 or _fresh_writer(self.tb)):
+            hparams = dict(self.hparams)
+            # the schedule's peak, as trained (auto-scaled): sampled over the run's progress
+            hparams["lr_peak"] = max(float(self.trainer.lr_scheduler(i / 1000)) for i in range(1000))
+            write_hparams(self.tb, hparams, self.trainer.iteration)
 
     def before_epoch(self) -> None:
         # images/s measures training only: restart the window after the test phase
@@ -108,7 +198,7 @@ class LogHook(HookBase):
             sink.log_step(record)
         if self.tb is not None:
             for k in ("loss", "lr", "images_per_sec"):
-                self.tb.add_scalar(f"train/{k}", record[k], t.iteration)
+                self.tb.add_scalar(f"{STEP_TAG}/{k}", record[k], t.iteration)
 
 
 @HOOKS.register("progress_bar_hook")

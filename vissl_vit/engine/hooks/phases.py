@@ -29,6 +29,12 @@ class PhaseWriter:
     record to every metrics logger of the trainer (CSV, W&B, MLflow, the console's epoch line:
     loggers.py). The console line is the epoch summary hook's, not this writer's.
 
+    TensorBoard tags, at the phase's iteration: ``<phase>/loss`` (``train/loss`` is the epoch's mean
+    loss, ``test/loss`` the test set's), ``<phase>/<metric>/<output>`` for the run's meter
+    (``test/top_1/0``), ``<phase>/loss_ema`` and ``<phase>_<meter>_ema/<metric>/<output>`` for the
+    EMA's. The per-step values are the LogHook's, under ``step/`` (logging_hooks.STEP_TAG): no tag
+    holds both a step's value and a phase's mean.
+
     Args:
         metrics_json: the metrics.json writer, or None on ranks > 0.
         tb_writer: tensorboard SummaryWriter, or None.

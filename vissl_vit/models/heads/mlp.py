@@ -19,6 +19,8 @@ class MLP(nn.Module):
         use_dropout: Dropout(0.5) after each linear layer.
         use_bias: bias in the linear layers.
         skip_last_layer_relu_bn: no BN/ReLU/dropout after the last layer.
+        weight_init: "normal" (VISSL's: weights N(0, 0.01), zero biases) or "default" (PyTorch's
+            own nn.Linear init, U(+-1/sqrt(fan_in)); RescaleViT's classifier).
     """
 
     def __init__(
@@ -29,8 +31,11 @@ class MLP(nn.Module):
         use_dropout: bool = False,
         use_bias: bool = True,
         skip_last_layer_relu_bn: bool = True,
+        weight_init: str = "normal",
     ) -> None:
         super().__init__()
+        if weight_init not in ("normal", "default"):
+            raise ValueError(f"mlp head weight_init='{weight_init}': expected normal or default")
         if len(dims) < 2:
             raise ValueError(f"mlp head needs at least two dims (input and output), got {dims}")
         layers: list[nn.Module] = []
@@ -46,7 +51,7 @@ class MLP(nn.Module):
                 layers.append(nn.Dropout(0.5))
         self.clf = nn.Sequential(*layers)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and weight_init == "normal":
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

@@ -17,6 +17,12 @@ fused qkv projection, the patch embedding, the biases):
 - ``moco``: moco-v3's ``vits.py``: qkv uniform(+-sqrt(6 / (3D/3 + D))) (xavier over one of q, k, v),
   other linears xavier-uniform, zero biases, class token normal(1e-6), patch projection
   xavier-uniform over the patch (fan_in = C p p, fan_out = D) with zero bias.
+- ``rescalevit``: RescaleViT's (jeonsworld's ViT-pytorch ``models/modeling.py``, RECIPES.md 5):
+  position embedding and class token zeros (never re-initialised when training from scratch); the
+  patch projection and the attention's q, k, v and out linears left at PyTorch's default
+  (U(+-1/sqrt(fan_in)) for weights and biases; the fused qkv draws the same as three (D, D)
+  linears, since the bound depends on fan_in only); MLP kernels xavier-uniform with biases
+  N(0, 1e-6).
 - ``simplest``: SimplEsT-ViT's stem, weight N(0, 1/(C p p)) and zero bias; its blocks initialise
   themselves (they define ``init_weights``), as do blocks of any scheme that do.
 
@@ -31,7 +37,7 @@ import torch
 from timm.layers import lecun_normal_
 from torch import nn
 
-WEIGHT_INITS = ("timm", "jax", "moco", "simplest")
+WEIGHT_INITS = ("timm", "jax", "moco", "rescalevit", "simplest")
 
 
 def _xavier_uniform_rows(weight: torch.Tensor, parts: int) -> None:
@@ -94,6 +100,15 @@ def apply_weight_init(trunk: nn.Module, scheme: str) -> None:
         bound = math.sqrt(6.0 / (fan_in + proj.weight.shape[0]))
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
+    elif scheme == "rescalevit":
+        nn.init.zeros_(pos)
+        if cls is not None:
+            nn.init.zeros_(cls)
+        for name, m in trunk.named_modules():
+            if isinstance(m, nn.Linear) and name.split(".")[-1] in ("fc1", "fc2"):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, std=1e-6)
     else:  # simplest
         nn.init.normal_(proj.weight, std=proj.weight[0].numel() ** -0.5)
         nn.init.zeros_(proj.bias)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from vissl_vit.errors import ConfigError
 from vissl_vit.models.layers import Attention, Block, PatchEmbed, resample_pos_embed
 from vissl_vit.models.trunks.base import Trunk
+from vissl_vit.models.trunks.vision_transformer import check_attention_blocks
 from vissl_vit.registry import TRUNKS
 
 FEATURE_PATTERNS = {
@@ -485,3 +487,35 @@ class ConViT(Trunk):
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block [B, heads, L, L], for visualisation (DINO's name)."""
         return self.forward(x, ["lastMAP"])[0]
+
+    @torch.no_grad()
+    def get_attention_maps(self, x: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Attention weights of the chosen blocks (0-based), in one forward pass without gradients.
+
+        GPSA blocks (0 .. n_gpsa_layers - 1) return their gated mix of content and positional
+        attention over the N patch tokens only ([B, heads, N, N]); the blocks after them attend over
+        the class token and the patches ([B, heads, 1 + N, 1 + N], the class token first). Rows sum
+        to 1. The pass stops after the deepest chosen block; ``forward`` is untouched. Call it in
+        eval mode (dropout otherwise applies, to GPSA's returned weights too).
+
+        Args:
+            x: images [B, C, H, W].
+            blocks: block indices, 0 .. num_layers - 1.
+
+        Raises:
+            ValueError: a block index out of range.
+        """
+        wanted = check_attention_blocks(blocks, len(self.blocks), "convit")
+        maps: dict[int, torch.Tensor] = {}
+        if not wanted:
+            return maps
+        B = x.shape[0]
+        x, grid = self.patch_embed(x)  # [B, N, D]
+        x = self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, 0))
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            if i == self.n_gpsa_layers:
+                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + N, D]
+            x, attn = blk(x, return_attention=i in wanted)
+            if attn is not None:
+                maps[i] = attn
+        return {i: maps[i] for i in wanted}

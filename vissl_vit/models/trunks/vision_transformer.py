@@ -17,6 +17,7 @@ selects timm's, as the trunk's default output ``lastFCNORM``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -69,6 +70,23 @@ def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
     if m.group(1) in ("lastBLK", "lastMAP"):
         return None
     return hidden_dim * n
+
+
+def check_attention_blocks(blocks: Sequence[int], depth: int, trunk: str) -> list[int]:
+    """The distinct block indices of ``blocks`` (0-based), in the order given; ValueError naming the
+    first one that is not a block of a ``depth``-block trunk (negative indices included)."""
+    out: list[int] = []
+    for b in blocks:
+        if isinstance(b, bool) or not hasattr(b, "__index__"):  # ints, numpy and 0-d tensor integers
+            raise ValueError(f"attention maps of the {trunk} trunk: block {b!r} is not an integer index")
+        b = b.__index__()
+        if not 0 <= b < depth:
+            raise ValueError(
+                f"attention maps of the {trunk} trunk: block {b} is out of range (it has {depth} blocks: 0..{depth - 1})"
+            )
+        if b not in out:
+            out.append(b)
+    return out
 
 
 BLOCKS = ("prenorm", "rescale", "espa")
@@ -475,6 +493,38 @@ class VisionTransformer(Trunk):
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block [B, heads, L, L], for visualisation (DINO's name)."""
         return self.forward(x, ["lastMAP"])[0]
+
+    @torch.no_grad()
+    def get_attention_maps(self, x: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Attention weights of the chosen blocks (0-based), in one forward pass without gradients.
+
+        Every block kind returns its map: softmax(q k^T * scale) for "prenorm" and "rescale" blocks
+        (rows sum to 1), E-SPA's d_l * softmax(q k^T / sqrt(d_h) + B_l) for "espa" (rows sum to
+        d_l = rowsum(A_l), see :class:`~vissl_vit.models.layers.espa.ESPAttention`). The pass stops
+        after the deepest chosen block; ``forward`` is untouched (its blocks never build the maps).
+        Call it on a trunk in eval mode: in training mode dropout applies and batch norm and
+        RescaleViT's Bias1D update their statistics, as in any forward.
+
+        Args:
+            x: images [B, C, H, W].
+            blocks: block indices, 0 .. num_layers - 1.
+
+        Returns:
+            block index -> weights [B, heads, L, L] (L counts the class token first when there is one).
+
+        Raises:
+            ValueError: a block index out of range.
+        """
+        wanted = check_attention_blocks(blocks, len(self.blocks), "vision_transformer")
+        maps: dict[int, torch.Tensor] = {}
+        if not wanted:
+            return maps
+        x = self.embed(x)
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            x, attn = blk(x, return_attention=i in wanted)
+            if attn is not None:
+                maps[i] = attn
+        return {i: maps[i] for i in wanted}
 
 
 def _option_problems(
