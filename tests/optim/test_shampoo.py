@@ -14,7 +14,7 @@ from torch import nn
 
 from vissl_vit import build_model, build_optimizer, compose_config
 from vissl_vit.errors import ConfigError
-from vissl_vit.optim.shampoo import AdamGraft, SeedPreConditioner, Shampoo
+from vissl_vit.optim.shampoo import AdamGraft, SeedPreConditioner, Shampoo, inverse_root
 
 # the seed's settings (RECIPES.md 6.5) as the library's arguments, recomputing every 5 steps
 SEED = dict(
@@ -116,6 +116,19 @@ def test_inverse_root_is_the_seeds_bias_corrected_epsilon_root():
         lam, q = torch.linalg.eigh(stat + 1e-3 * torch.eye(stat.shape[0], dtype=torch.float64))
         expected = (q * lam.pow(-0.25)) @ q.T
         torch.testing.assert_close(pc.pre_conditioners[i].double(), expected, rtol=2e-5, atol=1e-5)
+
+
+def test_inverse_root_of_a_near_singular_factor_stays_positive_definite():
+    """A factor of low rank (a layer's first steps: 3 gradients of a 64-wide input) has eigenvalues
+    that round-off makes slightly negative. Meta's root shifts them to >= 0 before adding epsilon;
+    an SVD would flip their sign into eigenvalues of about -eps^(-1/4) and step uphill."""
+    torch.manual_seed(0)
+    a = torch.randn(64, 3)
+    factor = a @ a.T  # float32, rank 3
+    root = inverse_root(factor, 4, 1e-12)
+    lam = torch.linalg.eigvalsh(root.double())
+    assert lam.min() > 0  # positive definite
+    assert lam.max() > 100  # the null space gets the large eps^(-1/4)-sized weight, as in Meta's
 
 
 class _Net(nn.Module):

@@ -2,7 +2,8 @@
 
 Library: ``pytorch_optimizer.ScalableShampoo`` (kozistr/pytorch_optimizer 4.1.0, Apache-2.0, on
 PyPI and maintained), a port of Google's Scalable Shampoo (Anil et al. 2020) with layer-wise
-grafting, blocking of large dimensions and SVD or Schur-Newton inverse roots. The seed
+grafting, blocking of large dimensions and SVD or Schur-Newton inverse roots (the SVD replaced
+here by the seed's eigendecomposition root, see :func:`inverse_root`). The seed
 (SimplEsT-ViT, RECIPES.md 6.5) trains with Meta's Distributed Shampoo (Shi & Lee), which is not on
 the package index; this module maps the seed's settings onto ScalableShampoo and adds, in a
 subclass, the three pieces of the seed's semantics the library lacks (switchable, see below).
@@ -28,8 +29,9 @@ seed (Meta ``DistributedShampoo``)              here
                                                 null`` (never skip: block instead)
 ``use_decoupled_weight_decay=False``            ``weight_decay_type: l2`` (ours, see below)
 root ``2 x order``                              the library's ``2 x rank`` (L^-1/4 G R^-1/4)
-``RootInvMethod.EIGEN``                         ``use_svd: True`` (SVD of the symmetric PSD
-                                                factor = its eigendecomposition)
+``RootInvMethod.EIGEN``                         ``use_svd: True`` (the name is the library's;
+                                                here it is Meta's eigendecomposition root,
+                                                :func:`inverse_root`, not the library's SVD)
 bias correction on                              ``bias_correction: True`` (ours, see below)
 first moment an EMA, no Nesterov                ``moving_average_for_momentum: True``,
                                                 ``nesterov: False``
@@ -78,7 +80,8 @@ What stays different from the seed (not reproducible with this library):
   (the seed's ``grafting_beta2`` equals its beta2 in its runs, so nothing is lost there).
 - One ``beta1`` bias correction per group step (``t`` counts the group's steps), not per
   parameter: a parameter that missed steps (no gradient) is corrected as if it had not.
-- Numerics: float32 SVD (the seed: an ``eigh``), no distribution of the root computation across
+- Numerics: the root's ``eigh`` always in float64 (the seed: in the factor's float32, float64 on a
+  retry), no distribution of the root computation across
   ranks (each rank computes every root: DDP only), no FSDP / DTensor parameters.
 - A step a guard rejects (trainer.py ``_optimizer_step``) is put back in the weights but not in
   Shampoo's state (as for every optimizer that is not fused); the run raises before a checkpoint.
@@ -125,12 +128,22 @@ WEIGHT_DECAY_TYPES = ("l2", "l2_after_preconditioning", "decoupled")
 
 
 def inverse_root(matrix: torch.Tensor, power: int, eps: float, scale: float = 1.0) -> torch.Tensor:
-    """``(scale M + eps I)^(-1/power)`` of a symmetric PSD matrix (or a stack of them) by SVD,
-    in float32 (float64 for float64 input), returned in the input's dtype."""
-    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    u, s, vh = torch.linalg.svd(matrix.to(dtype) * scale, full_matrices=False)
-    s = s.add(eps).pow_(-1.0 / power)
-    return ((u * s.unsqueeze(-2)) @ vh).to(matrix.dtype)
+    """``(scale M + eps I)^(-1/power)`` of a symmetric PSD matrix (or a stack of them), as the seed's
+    Meta Shampoo computes it (``matrix_functions._matrix_root_eigen``): ``eigh``, the eigenvalues
+    shifted up by ``-min(lambda_min, 0)`` (round-off makes those of a near-singular factor slightly
+    negative), then ``+ eps``, then ``Q diag(lambda^(-1/power)) Q^T``. In float64 (Meta: the factor's
+    dtype, float64 only on a retry), returned in the input's dtype.
+
+    Not the library's SVD: the SVD of a symmetric matrix with a slightly negative eigenvalue returns
+    its absolute value with opposite singular vectors, so ``U (s + eps)^(-1/p) V^T`` gets a large
+    negative eigenvalue (about ``-eps^(-1/p)``: -1000 for 1e-12 and p = 4) and the step goes uphill.
+    """
+    sym = matrix.to(torch.float64) * scale
+    sym = (sym + sym.mT) / 2
+    lam, q = torch.linalg.eigh(sym)
+    lam = lam - lam.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    lam = lam.add(eps).pow_(-1.0 / power)
+    return ((q * lam.unsqueeze(-2)) @ q.mT).to(matrix.dtype)
 
 
 class SeedPreConditioner(PreConditioner):

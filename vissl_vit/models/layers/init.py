@@ -23,6 +23,9 @@ fused qkv projection, the patch embedding, the biases):
   (U(+-1/sqrt(fan_in)) for weights and biases; the fused qkv draws the same as three (D, D)
   linears, since the bound depends on fan_in only); MLP kernels xavier-uniform with biases
   N(0, 1e-6).
+- ``torch``: nothing re-initialised: PyTorch's defaults for every layer, the position embedding and
+  class token as created (zeros); the seed SimplEsT-ViT's ``simple_vit.py`` baseline, which never
+  initialises anything itself.
 - ``simplest``: SimplEsT-ViT's stem, weight N(0, 1/(C p p)) and zero bias; its blocks initialise
   themselves (they define ``init_weights``), as do blocks of any scheme that do.
 
@@ -37,7 +40,7 @@ import torch
 from timm.layers import lecun_normal_
 from torch import nn
 
-WEIGHT_INITS = ("timm", "jax", "moco", "rescalevit", "simplest")
+WEIGHT_INITS = ("timm", "jax", "moco", "rescalevit", "torch", "simplest")
 
 
 def _xavier_uniform_rows(weight: torch.Tensor, parts: int) -> None:
@@ -100,6 +103,10 @@ def apply_weight_init(trunk: nn.Module, scheme: str) -> None:
         bound = math.sqrt(6.0 / (fan_in + proj.weight.shape[0]))
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
+    elif scheme == "torch":
+        nn.init.zeros_(pos)  # as created; sin-cos embeddings are written by the trunk afterwards
+        if cls is not None:
+            nn.init.zeros_(cls)
     elif scheme == "rescalevit":
         nn.init.zeros_(pos)
         if cls is not None:

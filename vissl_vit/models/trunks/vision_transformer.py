@@ -112,6 +112,10 @@ class VisionTransformer(Trunk):
         hidden_dim: token width.
         mlp_dim: hidden width of the blocks' MLPs.
         dropout_rate: dropout after the embeddings, MLP layers and attention projections.
+        pool_dropout_rate: dropout on the last block's output, before the final norm and the
+            pooling (the seed SimplEsT-ViT's SimpleViT baseline drops out only there); None: the
+            ``dropout_rate`` for ``block="espa"`` (SimplEsT-ViT's one dropout, and its embeddings
+            and blocks then have none), 0 for the other blocks.
         attention_dropout_rate: dropout of the attention weights.
         classifier: default feature: "token" (lastCLS) or "gap" (lastPOOL, VISSL's order).
         fc_norm: with "gap", average first and norm after (timm's ``fc_norm=True``): the
@@ -158,6 +162,7 @@ class VisionTransformer(Trunk):
         mlp_dim: int = 3072,
         dropout_rate: float = 0.0,
         attention_dropout_rate: float = 0.0,
+        pool_dropout_rate: float | None = None,
         classifier: Literal["token", "gap"] = "token",
         fc_norm: bool = False,
         use_class_token: bool = True,
@@ -172,7 +177,7 @@ class VisionTransformer(Trunk):
         norm_layer: Literal["layernorm", "batchnorm", "groupnorm", "none"] = "layernorm",
         act_layer: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
         block: Literal["prenorm", "rescale", "espa"] = "prenorm",
-        weight_init: Literal["timm", "jax", "moco", "simplest"] = "timm",
+        weight_init: Literal["timm", "jax", "moco", "rescalevit", "torch", "simplest"] = "timm",
         espa_gamma_max_depth: float = 0.005,
         tat_eta: float = 0.9,
         espa_suo_torch_layout: bool = True,
@@ -210,7 +215,9 @@ class VisionTransformer(Trunk):
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, hidden_dim))
         # SimplEsT-ViT drops out the last block's tokens before pooling, not the embeddings
         self.pos_drop = nn.Dropout(0.0 if block == "espa" else dropout_rate)
-        self.final_drop = nn.Dropout(dropout_rate) if block == "espa" else nn.Identity()
+        if pool_dropout_rate is None:
+            pool_dropout_rate = dropout_rate if block == "espa" else 0.0
+        self.final_drop = nn.Dropout(pool_dropout_rate) if pool_dropout_rate else nn.Identity()
         if drop_path_uniform:
             rates = [drop_path_rate] * num_layers
         else:
@@ -273,6 +280,7 @@ class VisionTransformer(Trunk):
             "mlp_dim": vit.MLP_DIM,
             "dropout_rate": vit.DROPOUT_RATE,
             "attention_dropout_rate": vit.ATTENTION_DROPOUT_RATE,
+            "pool_dropout_rate": vit.get("POOL_DROPOUT_RATE"),
             "classifier": vit.CLASSIFIER,
             "fc_norm": vit.FC_NORM,
             "use_class_token": vit.USE_CLASS_TOKEN,
