@@ -49,16 +49,24 @@ def test_no_pictures_without_draw_or_when_the_run_stops_early(tmp_path, monkeypa
     run_train_engine(_cfg(tmp_path / "finished", "config.HOOKS.PICTURES.DRAW=[curves]"))
     assert drawn == [[str(tmp_path / "finished")]]
 
-    def boom(self):
-        if self.trainer.iteration == 1:
-            raise RuntimeError("stopped")
+    def boom(self):  # the epoch's checkpoint fails after the last step (iteration 2 of 2)
+        raise RuntimeError(f"stopped at iteration {self.trainer.iteration}")
 
-    monkeypatch.setattr(ck.CheckpointHook, "after_step", boom)
-    with pytest.raises(RuntimeError, match="stopped"):
+    monkeypatch.setattr(ck.CheckpointHook, "after_epoch", boom)
+    with pytest.raises(RuntimeError, match="stopped at iteration 2"):
         run_train_engine(_cfg(tmp_path / "early", "config.HOOKS.PICTURES.DRAW=[curves]"))
-    assert len(drawn) == 1  # not drawn for the run that stopped at iteration 1 of 2
+    assert len(drawn) == 1  # not drawn for the run whose last epoch failed
 
 
-def test_an_unknown_picture_is_a_config_error():
-    with pytest.raises(ConfigError, match="HOOKS.PICTURES.DRAW: unknown picture 'atention'"):
-        compose_config(["config=test/quick_vit", "config.HOOKS.PICTURES.DRAW=[atention]"])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("config.HOOKS.PICTURES.DRAW=[atention]", "HOOKS.PICTURES.DRAW: unknown picture 'atention'"),
+        ("config.HOOKS.PICTURES.NUM_IMAGES=0", "NUM_IMAGES=0: expected a whole number >= 1"),
+        ("config.HOOKS.PICTURES.ATTENTION_BLOCKS=[0,2]", r"ATTENTION_BLOCKS: 2 is not a block; expected 0 \.\. 1"),
+    ],
+)
+def test_bad_picture_settings_are_config_errors_when_composed(override, match):
+    """Checked on every rank when the config is composed, not on rank 0 at the end (quick_vit: 2 blocks)."""
+    with pytest.raises(ConfigError, match=match):
+        compose_config(["config=test/quick_vit", override])

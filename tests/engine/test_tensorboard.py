@@ -90,7 +90,8 @@ def test_step_loss_and_phase_means_have_their_own_tags(quick_overrides, tmp_path
     top1 = {p["iteration"]: float(np.float32(p["test_accuracy_list_meter"]["top_1"]["0"])) for p in test}
     assert scalars["test/top_1/0"] == top1 and set(top1) == {4, 8}
     # no tag of the step scalars is a phase's, nor the reverse: no section holds both
-    assert not {t for t in scalars if t.startswith("step/")} & {"train/loss", "train/lr", "train/images_per_sec"}
+    assert not {"train/lr", "train/images_per_sec", "test/lr"} & set(scalars)
+    assert set(scalars["train/loss"]) == {4, 8} and set(scalars["step/loss"]) == set(range(1, 9))
     assert set(scalars) - {t for t in scalars if t.startswith(("step/", "train/", "test/"))} == set()
 
 

@@ -142,6 +142,28 @@ def test_rescalevit_init_is_jeonsworlds():
     assert MLP([D, 10]).clf[0].weight.std().item() == pytest.approx(0.01, rel=0.1)
 
 
+def test_pool_dropout_and_torch_init_are_the_seeds_simplevits():
+    """SimplEsT-ViT's simple_vit.py: one dropout, on the last block's output before the pooling, and
+    no re-initialisation (PyTorch's defaults); E-SPA's dropout sits there by default."""
+    torch.manual_seed(0)
+    kw = dict(image_size=32, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=384)
+    t = VisionTransformer(**kw, classifier="gap", use_class_token=False, pool_dropout_rate=0.2, weight_init="torch")
+    assert isinstance(t.final_drop, nn.Dropout) and t.final_drop.p == 0.2 and t.pos_drop.p == 0.0
+    t.train()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(t(x)[0], t(x)[0])  # the dropout is live in training
+    t.eval()
+    assert torch.equal(t(x)[0], t(x)[0])
+    qkv = t.blocks[0].attn.qkv.weight  # PyTorch's default U(+-1/sqrt(fan_in))
+    assert qkv.abs().max() <= 192**-0.5 and qkv.std().item() == pytest.approx(192**-0.5 / math.sqrt(3), rel=0.05)
+    assert VisionTransformer(**kw).final_drop.__class__ is nn.Identity  # prenorm: none by default
+    espa = VisionTransformer(
+        **kw, block="espa", norm_layer="none", use_class_token=False, classifier="gap", dropout_rate=0.1,
+        pos_embed_type="sincos", weight_init="simplest", tat_eta=0.5,
+    )  # fmt: skip
+    assert espa.final_drop.p == 0.1 and espa.pos_drop.p == 0.0
+
+
 def test_espa_blocks_keep_their_own_init_under_every_scheme():
     kw = dict(image_size=16, patch_size=4, num_layers=8, num_heads=2, hidden_dim=32, mlp_dim=64)
     kw |= dict(block="espa", norm_layer="none", use_class_token=False, classifier="gap")

@@ -283,9 +283,11 @@ def check_cross_keys(cfg: DictConfig) -> None:
         parse_slice(cfg.DATA[split].get("SLICE", ""), f"config.DATA.{split}.SLICE")  # a bad slice now, not at build
     _check_device_mixup(cfg)
     _check_lr_values(cfg)
-    from vissl_vit.engine.hooks.pictures import check_pictures  # every rank, before anything runs
+    from vissl_vit.engine.hooks.pictures import check_pictures_config  # every rank, before anything runs
 
-    check_pictures(list(cfg.HOOKS.PICTURES.DRAW))
+    trunk = cfg.MODEL.TRUNK
+    depth = trunk.VISION_TRANSFORMERS.NUM_LAYERS if trunk.NAME in ("vision_transformer", "convit") else None
+    check_pictures_config(cfg.HOOKS.PICTURES, depth)
     if cfg.MACHINE.DEVICE not in ("cpu", "gpu"):
         raise ConfigError(f"config.MACHINE.DEVICE='{cfg.MACHINE.DEVICE}': expected cpu or gpu.")
 

@@ -297,6 +297,7 @@ class Trainer:
     def train(self) -> None:
         """Train until max_iterations; after_train runs even when a hook or step raises."""
         logger.info("Training from iteration %d to %d", self.iteration, self.max_iterations)
+        self.completed = False  # True once the last step and its epoch's hooks have run without error
         self._call("before_train")
         try:
             while self.iteration < self.max_iterations:
@@ -309,6 +310,7 @@ class Trainer:
                     self.step(micro)
                 self.sync()  # what the last after_step added, before the epoch's test phase and checkpoint
                 self._call("after_epoch")
+            self.completed = True
         finally:
             self._call("after_train")
 

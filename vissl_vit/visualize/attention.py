@@ -294,13 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Attention maps of a run (DINO's overlays; --matrices: RescaleViT's token-by-token matrices).",
     )
     parser.add_argument("run_dir", help="the run folder (CHECKPOINT.DIR), with train_config.yaml and weights")
-    parser.add_argument("--blocks", type=int, nargs="+", help="0-based blocks (default: up to 4, first and last in)")
+    parser.add_argument(
+        "--blocks", type=int, nargs="+", help="0-based blocks (default: each quarter of the depth, 0 3 6 9 of 12)"
+    )
     parser.add_argument("--heads", type=int, nargs="+", help="heads, one panel each (default: their mean)")
     parser.add_argument("--images", type=int, default=4, help="the split's first N images (default 4)")
     parser.add_argument("--split", default="TEST", choices=["TEST", "TRAIN"], help="data and transforms to use")
     parser.add_argument("--out", help="the PNG to write (default RUN_DIR/pictures/attention.png)")
     parser.add_argument("--weights", help="a weights file instead of the newest checkpoint (model_final.safetensors)")
-    parser.add_argument("--matrices", action="store_true", help="also write <out>_matrices.png, the [L, L] matrices")
+    parser.add_argument(
+        "--matrices",
+        action="store_true",
+        help="also write <out>_matrices.png, the [L, L] matrices (the Python function and HOOKS.PICTURES always do)",
+    )
     parser.add_argument("--upsample", default="nearest", choices=UPSAMPLING, help="patch grid to image (nearest)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out_dir, name = None, "attention"

@@ -141,7 +141,7 @@ class LogHook(HookBase):
     def before_train(self) -> None:
         self._t0, self._it0, self._images = time.perf_counter(), self.trainer.iteration, 0
         self._start_t, self._start_it = self._t0, self.trainer.iteration
-        if self.tb is not None and self.hparams and (self.trainer.iteration == 0 or _fresh_writer(self.tb)):
+        if self.tb is not None and self.hparams and _fresh_writer(self.tb):  # not again on resume
             hparams = dict(self.hparams)
             # the schedule's peak, as trained (auto-scaled): sampled over the run's progress
             hparams["lr_peak"] = max(float(self.trainer.lr_scheduler(i / 1000)) for i in range(1000))

@@ -35,6 +35,20 @@ def check_pictures(draw: Sequence[str], where: str = "config.HOOKS.PICTURES.DRAW
     return out
 
 
+def check_pictures_config(node: Any, depth: int | None) -> None:
+    """HOOKS.PICTURES, checked on every rank when the config is composed (a rank-0-only error at the
+    end would leave the other ranks waiting): known names, NUM_IMAGES >= 1, ATTENTION_BLOCKS whole
+    numbers in 0 .. depth - 1 (``depth``: the trunk's blocks, None when unknown)."""
+    check_pictures(list(node.DRAW))
+    n = node.NUM_IMAGES
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"config.HOOKS.PICTURES.NUM_IMAGES={n!r}: expected a whole number >= 1.")
+    for b in node.ATTENTION_BLOCKS:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0 or (depth is not None and b >= depth):
+            span = f"0 .. {depth - 1} (the trunk's {depth} blocks)" if depth is not None else "a block index >= 0"
+            raise ConfigError(f"config.HOOKS.PICTURES.ATTENTION_BLOCKS: {b!r} is not a block; expected {span}.")
+
+
 @HOOKS.register("pictures_hook")
 class PicturesHook(HookBase):
     """Draw the pictures named in ``draw`` when training ends at its last step.
@@ -52,8 +66,6 @@ class PicturesHook(HookBase):
     ) -> None:
         self.run_dir, self.cfg = run_dir, cfg
         self.draw = check_pictures(draw)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ConfigError(f"config.HOOKS.PICTURES.NUM_IMAGES={num_images!r}: expected a whole number >= 1.")
         self.blocks = list(attention_blocks) or None
         self.num_images = num_images
         self.written: list[str] = []
@@ -78,9 +90,8 @@ class PicturesHook(HookBase):
         return [plot_retrieval(self.run_dir, queries=self.num_images)]
 
     def after_train(self) -> None:
-        t = self.trainer
-        if t.iteration < t.max_iterations:
-            return  # stopped early (an error, a preemption): the run is not finished, nor its pictures
+        if not getattr(self.trainer, "completed", False):
+            return  # stopped by an error or a preemption, even at the last step: no pictures
         for name in self.draw:
             try:
                 paths = self._one(name)
