@@ -10,7 +10,10 @@ import torch
 from tests.conftest import read_losses
 from tests.engine.resume_utils import assert_same_losses, kill_at_iteration, run_to_end, start_run
 
-pytestmark = pytest.mark.slow
+# a minute on 2 idle cores: outside the README's test command (-m long runs it); the Shampoo state
+# through the checkpoint hook's path is covered faster by tests/optim/test_shampoo.py, the kill -9
+# mechanics by tests/engine/test_resume*.py
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 # the overlay starts and recomputes the preconditioners every 4 steps; 2 epochs of 10 steps, a
 # checkpoint every 3: the kill at >= 9 comes after the recomputes at 4 and 8, resumes from 9

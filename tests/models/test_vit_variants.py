@@ -234,7 +234,7 @@ BAD = [
     ("BLOCK=espa,NORM_LAYER=none,USE_CLASS_TOKEN=False,CLASSIFIER=gap,DROP_PATH_RATE=0.1", "no residual branches"),
     ("BLOCK=espa,NORM_LAYER=none,USE_CLASS_TOKEN=False,CLASSIFIER=gap,DROP_PATH_RATE=0.0", "NUM_LAYERS=2: .*no"),
     ("NORM_LAYER=rmsnorm", "NORM_LAYER='rmsnorm': expected one of layernorm, batchnorm, groupnorm, none"),
-    ("WEIGHT_INIT=xavier", "WEIGHT_INIT='xavier': expected one of timm, jax, moco, simplest"),
+    ("WEIGHT_INIT=xavier", "WEIGHT_INIT='xavier': expected one of timm, jax, moco, rescalevit, torch, simplest"),
     ("POS_EMBED=sincos,HIDDEN_DIM=30,NUM_HEADS=2", "needs HIDDEN_DIM divisible by 4"),
 ]
 
