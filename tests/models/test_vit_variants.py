@@ -94,15 +94,20 @@ def test_jax_init_has_big_vision_statistics():
     assert VisionTransformerHead(D, 10).layers.head.weight.abs().max() == 0
 
 
+def _one_block(D: int, M: int, p: int, scheme: str) -> VisionTransformer:
+    """A 1-block trunk (qkv bias on) initialised by ``scheme``, for the init statistics."""
+    return VisionTransformer(
+        image_size=32, patch_size=p, num_layers=1, num_heads=3, hidden_dim=D, mlp_dim=M, qkv_bias=True,
+        weight_init=scheme,
+    )  # fmt: skip
+
+
 def test_moco_init_is_moco_v3s():
     """moco-v3 vits.py: qkv U(+-sqrt(6 / (3D/3 + D))), other linears xavier-uniform, zero biases; the
     patch projection xavier-uniform over (C p p, D)."""
     torch.manual_seed(0)
     D, M, p = 192, 768, 16
-    t = VisionTransformer(
-        image_size=32, patch_size=p, num_layers=1, num_heads=3, hidden_dim=D, mlp_dim=M, qkv_bias=True,
-        weight_init="moco",
-    )  # fmt: skip
+    t = _one_block(D, M, p, "moco")
     qkv = t.blocks[0].attn.qkv.weight
     bound = math.sqrt(6 / (D + D))
     assert qkv.abs().max() <= bound and qkv.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
@@ -121,10 +126,7 @@ def test_rescalevit_init_is_jeonsworlds():
 
     torch.manual_seed(0)
     D, M, p = 192, 768, 16
-    t = VisionTransformer(
-        image_size=32, patch_size=p, num_layers=1, num_heads=3, hidden_dim=D, mlp_dim=M, qkv_bias=True,
-        weight_init="rescalevit",
-    )  # fmt: skip
+    t = _one_block(D, M, p, "rescalevit")
     assert t.pos_embed.abs().max() == 0 and t.cls_token.abs().max() == 0
     for lin in (t.blocks[0].attn.qkv, t.blocks[0].attn.proj):
         bound = 1 / math.sqrt(D)

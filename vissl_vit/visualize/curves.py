@@ -138,24 +138,11 @@ def _draw(fig: Any, runs: list[RunCurves]) -> None:
         ax_lr.plot(*_xy(run.lr), color=color, linewidth=1.4, label=run.label)
         for prefix, style in (("train", "-"), ("test", "--")):
             marker = "o" if len(run.top1[prefix]) < 30 else None
-            if run.top1[prefix]:
-                ax_top1.plot(
-                    *_xy(run.top1[prefix]),
-                    style,
-                    color=color,
-                    marker=marker,
-                    markersize=3,
-                    label=f"{run.label} {prefix}",
-                )
-            if run.phase_loss[prefix]:
-                ax_phase.plot(
-                    *_xy(run.phase_loss[prefix]),
-                    style,
-                    color=color,
-                    marker=marker,
-                    markersize=3,
-                    label=f"{run.label} {prefix}",
-                )
+            for ax, series in ((ax_top1, run.top1[prefix]), (ax_phase, run.phase_loss[prefix])):
+                if series:
+                    ax.plot(
+                        *_xy(series), style, color=color, marker=marker, markersize=3, label=f"{run.label} {prefix}"
+                    )
     ax_loss.set(title="training loss per step (faint: raw)", xlabel="iteration", ylabel="loss")
     ax_lr.set(title="learning rate", xlabel="iteration", ylabel="lr")
     ax_top1.set(title="top-1 per epoch (train solid, test dashed)", xlabel="epoch", ylabel="top-1 (%)")

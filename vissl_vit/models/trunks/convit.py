@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from vissl_vit.errors import ConfigError
 from vissl_vit.models.layers import Attention, Block, PatchEmbed, resample_pos_embed
 from vissl_vit.models.trunks.base import Trunk
-from vissl_vit.models.trunks.vision_transformer import check_attention_blocks
+from vissl_vit.models.trunks.vision_transformer import check_attention_blocks, collect_attention
 from vissl_vit.registry import TRUNKS
 
 FEATURE_PATTERNS = {
@@ -506,16 +506,12 @@ class ConViT(Trunk):
             ValueError: a block index out of range.
         """
         wanted = check_attention_blocks(blocks, len(self.blocks), "convit")
-        maps: dict[int, torch.Tensor] = {}
         if not wanted:
-            return maps
-        B = x.shape[0]
+            return {}
         x, grid = self.patch_embed(x)  # [B, N, D]
         x = self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, 0))
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            if i == self.n_gpsa_layers:
-                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + N, D]
-            x, attn = blk(x, return_attention=i in wanted)
-            if attn is not None:
-                maps[i] = attn
-        return {i: maps[i] for i in wanted}
+
+        def join_class_token(i: int, t: torch.Tensor) -> torch.Tensor:  # [B, N, D] -> [B, 1 + N, D]
+            return torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) if i == self.n_gpsa_layers else t
+
+        return collect_attention(self.blocks, x, wanted, before=join_class_token)

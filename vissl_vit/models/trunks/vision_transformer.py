@@ -72,6 +72,23 @@ def feature_width(key: str, hidden_dim: int, num_layers: int) -> int | None:
     return hidden_dim * n
 
 
+def collect_attention(
+    blocks: Sequence[nn.Module], x: torch.Tensor, wanted: list[int], before: Any = None
+) -> dict[int, torch.Tensor]:
+    """Run ``blocks`` on the embedded tokens ``x`` up to the deepest of ``wanted`` (checked by
+    :func:`check_attention_blocks`), only those building their attention weights; ``before(i, x)``,
+    when given, may change the tokens before block ``i`` (ConViT's class token). Returns the maps in
+    the order of ``wanted``."""
+    maps: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(blocks[: max(wanted) + 1] if wanted else []):
+        if before is not None:
+            x = before(i, x)
+        x, attn = blk(x, return_attention=i in wanted)
+        if attn is not None:
+            maps[i] = attn
+    return {i: maps[i] for i in wanted}
+
+
 def check_attention_blocks(blocks: Sequence[int], depth: int, trunk: str) -> list[int]:
     """The distinct block indices of ``blocks`` (0-based), in the order given; ValueError naming the
     first one that is not a block of a ``depth``-block trunk (negative indices included)."""
@@ -524,15 +541,7 @@ class VisionTransformer(Trunk):
             ValueError: a block index out of range.
         """
         wanted = check_attention_blocks(blocks, len(self.blocks), "vision_transformer")
-        maps: dict[int, torch.Tensor] = {}
-        if not wanted:
-            return maps
-        x = self.embed(x)
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            x, attn = blk(x, return_attention=i in wanted)
-            if attn is not None:
-                maps[i] = attn
-        return {i: maps[i] for i in wanted}
+        return collect_attention(self.blocks, self.embed(x), wanted) if wanted else {}
 
 
 def _option_problems(
