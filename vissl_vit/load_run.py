@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vissl_vit.errors import ConfigError
@@ -43,6 +43,33 @@ def _weights_file(run_dir: str, weights: str | None) -> str:
     )
 
 
+def run_config_file(run_dir: str, who: str = "load_run") -> str:
+    """``run_dir/train_config.yaml``, or a ConfigError naming ``who`` asked for it."""
+    config_file = os.path.join(os.path.abspath(run_dir), "train_config.yaml")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"{who}({run_dir!r}): no train_config.yaml there (is it a run folder, CHECKPOINT.DIR?).")
+    return config_file
+
+
+def load_run_model(run_dir: str, weights: str | None = None) -> tuple[nn.Module, DictConfig]:
+    """The model a run trained (eval mode, CPU) and the run's composed config (its ``config`` node):
+    :func:`load_run` without the transform, for tools that also read the run's data settings."""
+    from vissl_vit.config import compose_config
+    from vissl_vit.models import build_model
+    from vissl_vit.models.weights import detect_format, load_weights, map_names, read_weights_file, select_state_dict
+
+    config_file = run_config_file(run_dir)
+    cfg = compose_config([f"config={config_file}"]).config
+    model = build_model(cfg)
+    path = _weights_file(run_dir, weights)
+    sd, _ = select_state_dict(read_weights_file(path), "classy_state_dict")
+    fmt = detect_format(list(sd))
+    load_weights(model, map_names(sd, fmt), scope="model", strict=True, path=path, fmt=fmt)
+    model.eval()
+    logger.info("Loaded %s into the model of %s", path, config_file)
+    return model, cfg
+
+
 def load_run(run_dir: str, weights: str | None = None) -> tuple[nn.Module, Callable[[Any], Any]]:
     """The model a run trained, in eval mode on the CPU, and its eval transform (PIL image -> tensor).
 
@@ -55,21 +82,9 @@ def load_run(run_dir: str, weights: str | None = None) -> tuple[nn.Module, Calla
         ConfigError: the folder has no train_config.yaml or no weights.
         UserError: the weights do not fit the model built from the config.
     """
-    from vissl_vit.config import compose_config
     from vissl_vit.data.transforms import build_transforms
-    from vissl_vit.models import build_model
-    from vissl_vit.models.weights import detect_format, load_weights, map_names, read_weights_file, select_state_dict
 
-    config_file = os.path.join(run_dir, "train_config.yaml")
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"load_run({run_dir!r}): no train_config.yaml there (is it a run folder, CHECKPOINT.DIR?).")
-    cfg = compose_config([f"config={os.path.abspath(config_file)}"]).config
-    model = build_model(cfg)
-    path = _weights_file(run_dir, weights)
-    sd, _ = select_state_dict(read_weights_file(path), "classy_state_dict")
-    fmt = detect_format(list(sd))
-    load_weights(model, map_names(sd, fmt), scope="model", strict=True, path=path, fmt=fmt)
-    model.eval()
+    model, cfg = load_run_model(run_dir, weights)
     entries = OmegaConf.to_container(cfg.DATA.TEST.TRANSFORMS, resolve=True)
     transform = build_transforms(entries, "config.DATA.TEST.TRANSFORMS")
     if transform is None:
@@ -77,5 +92,4 @@ def load_run(run_dir: str, weights: str | None = None) -> tuple[nn.Module, Calla
             f"load_run({run_dir!r}): the run has no DATA.TEST.TRANSFORMS, so its eval transform is unknown; "
             "build one (e.g. torchvision Resize, CenterCrop, ToTensor) for the trunk's IMAGE_SIZE."
         )
-    logger.info("Loaded %s into the model of %s", path, config_file)
     return model, transform

@@ -298,16 +298,13 @@ def _check_device_mixup(cfg: DictConfig) -> None:
     node = cfg.DATA.TRAIN.get("DEVICE_MIXUP")
     if node is None:
         return
-    where, p = "config.DATA.TRAIN.DEVICE_MIXUP", node.get("p", 0)
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or p < 0:
-        raise ConfigError(f"{where}.p={p!r}: expected the Beta parameter, a number >= 0 (0: off).")
+    from vissl_vit.data.collators.device_mixup import WHERE as where
+    from vissl_vit.data.collators.device_mixup import check_mixup_args
+
+    p = node.get("p", 0)
+    check_mixup_args(p, node.get("partner", "roll"))
     if p == 0:
         return
-    from vissl_vit.data.collators.device_mixup import DeviceMixup
-
-    partner = node.get("partner", "roll")
-    if partner not in DeviceMixup.PARTNERS:
-        raise ConfigError(f"{where}.partner={partner!r}: expected one of {', '.join(DeviceMixup.PARTNERS)}.")
     if cfg.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator":
         raise ConfigError(
             f"{where}.p={p} and config.DATA.TRAIN.COLLATE_FUNCTION=cutmixup_collator both mix the batch: "

@@ -243,14 +243,13 @@ def plot_attention(
     Raises:
         ConfigError: a block or head out of range, no images, a trunk that cannot return attention.
     """
-    from vissl_vit.config import compose_config
-    from vissl_vit.load_run import load_run
+    from vissl_vit.load_run import load_run_model
 
     if upsample not in UPSAMPLING:
         raise ConfigError(f"upsample={upsample!r}: expected one of {', '.join(UPSAMPLING)}.")
     if images < 1:
         raise ConfigError(f"images={images}: expected at least 1.")
-    model, _ = load_run(run_dir, weights)
+    model, cfg = load_run_model(run_dir, weights)
     trunk = _trunk_of(model, run_dir)
     depth = len(trunk.blocks)
     chosen = list(default_blocks(depth) if blocks is None else blocks)
@@ -259,7 +258,6 @@ def plot_attention(
         raise ConfigError(f"blocks={chosen}: expected indices in 0..{depth - 1} (the trunk has {depth} blocks).")
     heads = None if heads is None else list(heads)
     _check_heads(heads, _num_heads(trunk))  # before reading any data, when the trunk tells
-    cfg = compose_config([f"config={os.path.abspath(os.path.join(run_dir, 'train_config.yaml'))}"]).config
     x, transforms = load_images(cfg, split, images)
     with torch.no_grad():
         maps = trunk.get_attention_maps(x, chosen)

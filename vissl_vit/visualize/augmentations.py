@@ -214,9 +214,9 @@ def overrides_for(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
         usage=USAGE,
     )
     if opts["run"] is not None:
-        config_file = os.path.join(os.path.abspath(opts["run"]), "train_config.yaml")
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"--run {opts['run']}: no train_config.yaml there (is it a run folder, CHECKPOINT.DIR?).")
+        from vissl_vit.load_run import run_config_file
+
+        config_file = run_config_file(opts["run"], "--run")
         if any(a.startswith("config=") for a in args):
             raise ConfigError(f"--run {opts['run']} and {next(a for a in args if a.startswith('config='))}: give one.")
         args = [f"config={config_file}", *args]

@@ -9,7 +9,7 @@ give each image's class (its name where the data set has class folders or shards
 neighbour's cosine similarity; the query's frame is green when its nearest neighbour has its class
 and red when not (what a 1-NN classifier would get right or wrong).
 
-The model and its eval transform come from ``load_run`` (the newest checkpoint, or
+The model comes from ``load_run_model`` (the newest checkpoint, or
 ``model_final.safetensors``); both splits are read with that transform (DATA.TEST.TRANSFORMS), so
 the pictures show what the trunk was given, denormalised. The training images are up to
 ``max_train`` evenly spaced over DATA.TRAIN (not the first ones: a folder data set is sorted by
@@ -122,12 +122,10 @@ def retrieve(
         weights: another weights file than the newest checkpoint (``load_run``'s ``weights``).
     """
     from vissl_vit.benchmark.knn import knn_search
-    from vissl_vit.config import compose_config
-    from vissl_vit.load_run import load_run
+    from vissl_vit.load_run import load_run_model
 
     queries, k, max_train = _positive("queries", queries), _positive("k", k), _positive("max_train", max_train)
-    model, _ = load_run(run_dir, weights)
-    cfg = compose_config([f"config={os.path.join(os.path.abspath(run_dir), 'train_config.yaml')}"]).config
+    model, cfg = load_run_model(run_dir, weights)
     trunk = model.trunk
     feature = feature or cfg.NEAREST_NEIGHBOR.FEATURE or trunk.default_feature()
     train_ds, test_ds = _eval_dataset(cfg, "TRAIN"), _eval_dataset(cfg, "TEST")

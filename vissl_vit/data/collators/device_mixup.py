@@ -24,6 +24,18 @@ import torch
 
 from vissl_vit.errors import ConfigError
 
+WHERE = "config.DATA.TRAIN.DEVICE_MIXUP"
+PARTNERS = ("roll", "permutation")
+
+
+def check_mixup_args(p: object, partner: object) -> None:
+    """``p`` a number >= 0 (0: off) and ``partner`` one of :data:`PARTNERS`, else a ConfigError:
+    what the config's validation checks at compose and :class:`DeviceMixup` on construction."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or p < 0:
+        raise ConfigError(f"{WHERE}.p={p!r}: expected the Beta parameter, a number >= 0 (0: off).")
+    if partner not in PARTNERS:
+        raise ConfigError(f"{WHERE}.partner={partner!r}: expected one of {', '.join(PARTNERS)}.")
+
 
 class DeviceMixup:
     """``(images, target) -> (a x + (1 - a) roll(x, 1, 0), same for the one-hot target)``.
@@ -36,20 +48,12 @@ class DeviceMixup:
             sample i with sample perm[i] of a random permutation).
     """
 
-    PARTNERS = ("roll", "permutation")
-
     def __init__(self, p: float, num_classes: int, seed: int, partner: str = "roll") -> None:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-            raise ConfigError(f"config.DATA.TRAIN.DEVICE_MIXUP.p={p!r}: expected a Beta parameter > 0 (0 is off).")
+        check_mixup_args(p, partner)
+        if not p > 0:
+            raise ConfigError(f"{WHERE}.p={p!r}: expected a Beta parameter > 0 (0 is off: no DeviceMixup is built).")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(
-                f"config.DATA.TRAIN.DEVICE_MIXUP.num_classes={num_classes!r}: expected a number of classes >= 1 "
-                "(or auto)."
-            )
-        if partner not in self.PARTNERS:
-            raise ConfigError(
-                f"config.DATA.TRAIN.DEVICE_MIXUP.partner={partner!r}: expected one of {', '.join(self.PARTNERS)}."
-            )
+            raise ConfigError(f"{WHERE}.num_classes={num_classes!r}: expected a number of classes >= 1 (or auto).")
         self.p, self.num_classes, self.seed, self.partner = float(p), num_classes, int(seed), partner
 
     def _rng(self, iteration: int, rank: int) -> np.random.Generator:
