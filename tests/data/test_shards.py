@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import REPO
 from tests.data.test_datasets import make_folder
-from vissl_vit import compose_config, run_train_engine
+from vissl_vit import build_dataset, compose_config, run_train_engine
 from vissl_vit.data.dataset import VisslDataset
+from vissl_vit.data.datasets import shards as shards_module
 from vissl_vit.data.datasets.disk import FolderSource
 from vissl_vit.data.datasets.shards import ShardSource, expand_braces, split_key
 from vissl_vit.data.sampler import ResumableDistributedSampler
@@ -206,12 +207,39 @@ def test_index_is_cached_beside_each_shard_and_redone_when_the_shard_changes(tmp
     assert sorted(os.listdir(out))[-2:] == ["train-000001.tar", "train-000001.tar.index.json"]
     real_open = tarfile.open
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("indexed the tar again"))
+    monkeypatch.setattr(shards_module, "_INDEX_MEMO", {})  # another process: only the files beside the shards
     again = ShardSource(str(out))  # from the cache: no tar read
     assert again.keys == first.keys and np.array_equal(again.offsets, first.offsets)
     assert np.array_equal(again.labels, first.labels)
     monkeypatch.setattr(tarfile, "open", real_open)
     assert _tool().main([str(src), str(out / "train-%06d.tar"), "--max-count", "2"]) == 0  # rewritten shards
     assert len(ShardSource(f"{out}/train-{{000000..000002}}.tar")) == 6  # the stale caches were not used
+
+
+def test_index_is_read_once_per_process_until_a_shard_changes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_folder(src)
+    out = _shards(tmp_path, src, "--max-count", "4")
+    reads = []
+    real = shards_module.cached_index
+    monkeypatch.setattr(shards_module, "cached_index", lambda path: reads.append(path) or real(path))
+    cfg = compose_config(
+        [
+            "config=test/quick_vit",
+            "config.DATA.TRAIN.DATA_SOURCES=[tar_shards]",
+            f"config.DATA.TRAIN.DATA_PATHS=[{out}]",
+            'config.MODEL.HEAD.PARAMS=[["vision_transformer_head", {"in_plane": 32, "num_classes": "auto"}]]',
+        ]
+    ).config  # fmt: skip  (the labels check and the class count both read the shards)
+    first = len(reads)
+    assert first == 2  # two shards, each read once
+    source = build_dataset(cfg, "TRAIN").sources[0]
+    assert len(reads) == first  # the data set too used what the config's checks read
+    with pytest.raises(ValueError, match="read-only"):
+        source.labels[0] = 5  # shared between sources: none can change another's
+    assert _tool().main([str(src), str(out / "train-%06d.tar"), "--max-count", "2"]) == 0  # rewritten shards
+    assert len(ShardSource(f"{out}/train-{{000000..000002}}.tar")) == 6
+    assert len(reads) == first + 3  # a shard set that changed is read again
 
 
 def test_num_classes_auto_and_a_supervised_loss_on_unlabeled_shards(tmp_path):

@@ -154,6 +154,12 @@ def _check_end(tar: tarfile.TarFile, path: str) -> None:
 INDEX_SUFFIX = ".index.json"  # the cached index of shard x.tar: x.tar.index.json beside it
 
 
+def _stamp(path: str) -> dict[str, int]:
+    """What identifies one version of a shard file: its size, modification time and inode."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
 def cached_index(path: str) -> list[tuple[str, str, int, int, int | None]]:
     """The samples of one shard (see :func:`_index_shard`), from its cached index when that matches
     the shard (same size, modification time and inode), else read from the tar and cached.
@@ -162,8 +168,7 @@ def cached_index(path: str) -> list[tuple[str, str, int, int, int | None]]:
     of every tar header (minutes for ImageNet's 1.28 M images); it is written atomically (a
     temporary file renamed), and skipped where the folder is read-only.
     """
-    stat = os.stat(path)
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    stamp = _stamp(path)
     cache = path + INDEX_SUFFIX
     try:
         with open(cache) as f:
@@ -182,6 +187,43 @@ def cached_index(path: str) -> list[tuple[str, str, int, int, int | None]]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
     return samples
+
+
+_ShardSetIndex = tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# DATA_PATHS entry -> (its shards' stamps, their index): the config's checks (labels present, the
+# class count of num_classes: auto) and the data set itself read it once per process, not once each.
+_INDEX_MEMO: dict[str, tuple[tuple[tuple[int, ...], ...], _ShardSetIndex]] = {}
+
+
+def _shard_set_index(path: str, shards: list[str]) -> _ShardSetIndex:
+    """(member names, shard of each, offset, size, label or -1) of every image of ``shards``, read
+    with :func:`cached_index` unless this process read the same shard files (same stamps) before.
+    The arrays are shared by the sources built from them, which only read them."""
+    stamps = tuple(tuple(_stamp(shard).values()) for shard in shards)
+    memo = _INDEX_MEMO.get(path)
+    if memo is not None and memo[0] == stamps:
+        return memo[1]
+    shard_ids, offsets, sizes, labels, keys = [], [], [], [], []
+    for s, shard in enumerate(shards):
+        for key, ext, offset, size, label in cached_index(shard):
+            keys.append(f"{key}.{ext}")
+            shard_ids.append(s)
+            offsets.append(offset)
+            sizes.append(size)
+            labels.append(-1 if label is None else label)
+    if not keys:
+        raise DataError(f"tar_shards: the shards of '{path}' hold no images ({', '.join(sorted(IMAGE_EXTS))}).")
+    index = (
+        keys,
+        np.asarray(shard_ids, np.int32),
+        np.asarray(offsets, np.int64),
+        np.asarray(sizes, np.int64),
+        np.asarray(labels, np.int64),
+    )
+    for array in index[1:]:
+        array.flags.writeable = False  # shared: a write through one source would change the others
+    _INDEX_MEMO[path] = (stamps, index)
+    return index
 
 
 class ShardSource(ImageSource):
@@ -206,22 +248,7 @@ class ShardSource(ImageSource):
     def __init__(self, path: str) -> None:
         self.path = str(path)
         self.shards = shard_paths(self.path)
-        shard_ids, offsets, sizes, labels, self.keys = [], [], [], [], []
-        for s, shard in enumerate(self.shards):
-            for key, ext, offset, size, label in cached_index(shard):
-                self.keys.append(f"{key}.{ext}")
-                shard_ids.append(s)
-                offsets.append(offset)
-                sizes.append(size)
-                labels.append(-1 if label is None else label)
-        if not self.keys:
-            raise DataError(
-                f"tar_shards: the shards of '{self.path}' hold no images ({', '.join(sorted(IMAGE_EXTS))})."
-            )
-        self.shard_ids = np.asarray(shard_ids, np.int32)
-        self.offsets = np.asarray(offsets, np.int64)
-        self.sizes = np.asarray(sizes, np.int64)
-        self.labels = np.asarray(labels, np.int64)
+        self.keys, self.shard_ids, self.offsets, self.sizes, self.labels = _shard_set_index(self.path, self.shards)
         self.flat = bool((self.labels < 0).all())  # no .cls at all: unlabeled, as a flat folder
         if not self.flat and (self.labels < 0).any():
             i = int(np.argmax(self.labels < 0))
