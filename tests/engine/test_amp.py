@@ -1,4 +1,5 @@
-"""AMP_ARGS.dtype=auto decides the precision from what the device reports."""
+"""AMP_ARGS.dtype=auto decides the precision from what the device reports; a run under CPU autocast
+trains and checkpoints its loss scaler."""
 
 from __future__ import annotations
 
@@ -51,3 +52,29 @@ def test_a_named_dtype_is_forced_whatever_the_cpu(monkeypatch):
 def test_an_unknown_dtype_is_a_config_error():
     with pytest.raises(ConfigError, match="expected auto, bfloat16, float16 or float32"):
         amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=fp8"), CPU)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_amp_on_cpu_trains_and_checkpoints_the_scaler(tmp_path, capfd, dtype):
+    from tests.conftest import read_losses
+    from vissl_vit import run_train_engine
+
+    run = tmp_path / dtype
+    cfg = compose_config(
+        [
+            "config=test/quick_vit",
+            "config.TEST_MODEL=False",
+            "config.MODEL.AMP_PARAMS.USE_AMP=True",
+            f"config.MODEL.AMP_PARAMS.AMP_ARGS.dtype={dtype}",
+            "config.MODEL.AMP_PARAMS.AMP_TYPE=apex",
+            "config.MODEL.GRAD_CLIP.USE_GRAD_CLIP=True",
+            f"config.CHECKPOINT.DIR={run}",
+        ]
+    )
+    run_train_engine(cfg)
+    log = capfd.readouterr().out  # the engine's console: what the command prints
+    assert f"autocast to {dtype}" in log and "AMP_TYPE=apex (opt_level O1) runs on torch.amp" in log
+    state = torch.load(run / "checkpoint.torch", weights_only=False)
+    assert (state["grad_scaler"].get("scale") is not None) == (dtype == "float16")  # fp16: a loss scale, kept
+    losses = read_losses(run)
+    assert losses and all(v == v for v in losses.values())  # finite

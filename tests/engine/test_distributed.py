@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, read_losses, run_cli
+from vissl_vit import run_train_engine
 from vissl_vit.config import compose_config
 from vissl_vit.engine.launch import environment_worker, first_slurm_host
 from vissl_vit.engine.parallel import sync_bn_groups
@@ -34,24 +35,39 @@ def assert_same(a: dict, b: dict, rtol: float = 2e-5) -> None:
 
 
 def train(tmp_path, name, *args) -> dict[int, float]:
+    """A run through the command line (the launcher spawns the workers of a multi-process run)."""
     proc = run_cli(*EXACT, *args, f"config.CHECKPOINT.DIR={tmp_path / name}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_losses(tmp_path / name)
 
 
-def test_split_of_the_global_batch_does_not_matter(tmp_path):
-    one_big = train(tmp_path, "1x16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16")
+def train_here(tmp_path, name, *args) -> dict[int, float]:
+    """A one-process run in this process: the engine a one-process command runs, without its start-up."""
+    run_train_engine(compose_config([*EXACT, *args, f"config.CHECKPOINT.DIR={tmp_path / name}"]))
+    return read_losses(tmp_path / name)
+
+
+def test_split_of_the_global_batch_does_not_matter_and_another_world_size_resumes(tmp_path, capfd):
+    one_big = train_here(tmp_path, "1x16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16")
     two = train(tmp_path, "2x8", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2")
-    accum = train(
+    accum = train_here(
         tmp_path, "1x8x2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.OPTIMIZER.grad_accumulation_steps=2"
     )
     assert sorted(one_big) == list(range(1, 9))
     assert_same(two, one_big)
     assert_same(accum, one_big)
     assert not all(v == pytest.approx(one_big[1]) for v in one_big.values())  # it does train
+    # the 2-process run (2 epochs of 4 iterations), resumed on 1 process with the same per-replica
+    # batch: 8 iterations per epoch now, so it resumes at epoch 2's start, and says why
+    capfd.readouterr()
+    resumed = train_here(tmp_path, "2x8", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", "config.OPTIMIZER.num_epochs=3")
+    text = capfd.readouterr().out
+    assert "4 iterations per epoch (world size 2)" in text and "has 8 (world size 1)" in text, text[-3000:]
+    assert "resuming at iteration 16 (epoch 2, 0% through it) instead of 8" in text
+    assert max(resumed) == 24
 
 
-def test_fsdp_equals_ddp_and_its_checkpoint_resumes_on_one_process(tmp_path):
+def test_fsdp_equals_ddp_and_its_checkpoint_resumes_on_one_process(tmp_path, capfd):
     # SGD: AdamW's first steps are sign-like (m / sqrt(v)), so rounding-level differences in
     # near-zero gradients between the two reduction orders would flip whole updates
     two = [
@@ -65,38 +81,11 @@ def test_fsdp_equals_ddp_and_its_checkpoint_resumes_on_one_process(tmp_path):
     fsdp = train(tmp_path, "fsdp", *two, "config.MODEL.FSDP.USE_FSDP=True")
     assert_same(fsdp, ddp)
     # the consolidated FSDP checkpoint continues on 1 process with twice the per-replica batch
-    proc = run_cli(
-        *EXACT,
-        *two[2:],
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16",
-        "config.OPTIMIZER.num_epochs=3",
-        f"config.CHECKPOINT.DIR={tmp_path / 'fsdp'}",
+    capfd.readouterr()
+    resumed = train_here(
+        tmp_path, "fsdp", *two[2:], "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16", "config.OPTIMIZER.num_epochs=3"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resumed at iteration 8" in proc.stdout and max(read_losses(tmp_path / "fsdp")) == 12
-
-
-def test_resume_with_another_world_size_says_what_changed(tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli(
-        *EXACT,
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-        "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
-        "config.OPTIMIZER.num_epochs=1",
-        f"config.CHECKPOINT.DIR={run}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli(
-        *EXACT,
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
-        "config.OPTIMIZER.num_epochs=2",
-        f"config.CHECKPOINT.DIR={run}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
-    assert "4 iterations per epoch (world size 2)" in text and "has 8 (world size 1)" in text
-    assert "resuming at iteration 8 (epoch 1, 0% through it) instead of 4" in text
-    assert max(read_losses(run)) == 16
+    assert "Resumed at iteration 8" in capfd.readouterr().out and max(resumed) == 12
 
 
 def test_two_nodes_on_loopback(tmp_path):
@@ -236,22 +225,3 @@ def test_sync_bn_groups():
     assert sync_bn_groups(8, 2, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(ConfigError, match="do not divide"):
         sync_bn_groups(8, 3, 4)
-
-
-def test_amp_on_cpu_trains_and_checkpoints_the_scaler(tmp_path):
-    for dtype in ("bfloat16", "float16"):
-        run = tmp_path / dtype
-        proc = run_cli(
-            *EXACT,
-            "config.MODEL.AMP_PARAMS.USE_AMP=True",
-            f"config.MODEL.AMP_PARAMS.AMP_ARGS.dtype={dtype}",
-            "config.MODEL.AMP_PARAMS.AMP_TYPE=apex",
-            "config.MODEL.GRAD_CLIP.USE_GRAD_CLIP=True",
-            f"config.CHECKPOINT.DIR={run}",
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"autocast to {dtype}" in proc.stdout and "AMP_TYPE=apex (opt_level O1) runs on torch.amp" in proc.stdout
-        state = torch.load(run / "checkpoint.torch", weights_only=False)
-        scale = state["grad_scaler"].get("scale")
-        assert (scale is not None) == (dtype == "float16")  # fp16: a loss scale, saved for the resume
-        assert all(v == v for v in read_losses(run).values())  # finite

@@ -50,10 +50,11 @@ RUNS["deit_recipe"] = RUNS["supervised"] + [
     "config.OPTIMIZER.name=lamb",
     "config.DATA.TRAIN.REPEATED_AUGMENTATIONS=3",
 ]
-# SwAV's queue resume is covered by a faster test; this one runs outside CI (-m long)
-# long (outside CI): swav, and supervised, whose path deit_recipe runs with EMA, layer decay, LAMB and
-# repeated augmentation on top
-LONG_CASES = ("swav", "supervised")
+# long (outside CI): swav, whose queue resume a faster test covers (tests/losses/test_swav_state.py);
+# supervised, whose path deit_recipe runs with EMA, layer decay, LAMB and repeated augmentation on
+# top; and moco_v3, whose state (the momentum encoder; its momentum is a function of the iteration)
+# moco_v2 saves and restores too, with the queue on top
+LONG_CASES = ("swav", "supervised", "moco_v3")
 CASES = [pytest.param(name, marks=pytest.mark.long) if name in LONG_CASES else name for name in RUNS]
 
 
