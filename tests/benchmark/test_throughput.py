@@ -8,7 +8,7 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from vissl_vit.benchmark.throughput import flops_per_image, main
+from vissl_vit.benchmark.throughput import flops_per_image, main, measure_models
 from vissl_vit.models.trunks.vision_transformer import VisionTransformer
 
 
@@ -71,3 +71,37 @@ def test_compiled_model_is_measured_and_its_flops_counted(tmp_path):
     )
     assert r["compiled"] is True
     assert r["models"]["vissl_vit"]["gflops_per_image"] > 0 and r["models"]["vissl_vit"]["train_images_per_sec"] > 0
+
+
+class _AutocastProbe(torch.nn.Module):
+    """A linear classifier that records the autocast state of each of its forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+        self.seen: set[tuple[bool, torch.dtype]] = set()
+
+    def forward(self, x):
+        self.seen.add((torch.is_autocast_enabled("cpu"), self.fc(x.flatten(1)).dtype))
+        return self.fc(x.flatten(1))
+
+
+def test_each_model_runs_under_its_own_precision():
+    ours, timm = _AutocastProbe(), _AutocastProbe()
+    r = measure_models(
+        {"vissl_vit": ours, "timm": timm}, 2, (3, 2, 2), 3, torch.device("cpu"), 1, 1, 1, {"vissl_vit": torch.bfloat16}
+    )
+    assert ours.seen == {(True, torch.bfloat16)}  # training and inference steps alike
+    assert timm.seen == {(False, torch.float32)}  # not in the dict: full precision, no autocast
+    assert (r["vissl_vit"]["precision"], r["timm"]["precision"]) == ("bfloat16", "float32")
+
+
+def test_timm_defaults_runs_timm_in_float32_next_to_ours_in_bfloat16(tmp_path, capsys):
+    bf16 = ("config.MODEL.AMP_PARAMS.USE_AMP=True", "config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=bfloat16")
+    layers = "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=1"
+    r = _tiny_run(tmp_path / "d.json", 2, layers, *bf16, "--no-e2e", "--timm-defaults")
+    assert r["timm_defaults"] is True
+    assert (r["models"]["vissl_vit"]["precision"], r["models"]["timm"]["precision"]) == ("bfloat16", "float32")
+    assert "each at its own defaults" in capsys.readouterr().out
+    same = _tiny_run(tmp_path / "s.json", 2, layers, *bf16, "--no-e2e")  # without it: the same precision
+    assert (same["models"]["vissl_vit"]["precision"], same["models"]["timm"]["precision"]) == ("bfloat16",) * 2

@@ -49,6 +49,20 @@ def test_a_named_dtype_is_forced_whatever_the_cpu(monkeypatch):
     assert amp_dtype(_cfg("config.MODEL.AMP_PARAMS.USE_AMP=False"), CPU) is None  # AMP off stays off
 
 
+def test_bfloat16_forced_on_a_cpu_that_emulates_it_is_a_warning(monkeypatch, caplog):
+    forced = "config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=bfloat16"
+    _fake_cpu(monkeypatch, False)
+    with caplog.at_level(logging.INFO, logger="vissl_vit"):
+        assert amp_dtype(_cfg(forced), CPU) is torch.bfloat16  # what was asked for, with a warning
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "emulated on this CPU (it reports no AVX512-BF16 or AMX" in warned[0]
+    caplog.clear()
+    _fake_cpu(monkeypatch, True)
+    with caplog.at_level(logging.INFO, logger="vissl_vit"):
+        amp_dtype(_cfg(forced), CPU)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # native: nothing to warn about
+
+
 def test_an_unknown_dtype_is_a_config_error():
     with pytest.raises(ConfigError, match="expected auto, bfloat16, float16 or float32"):
         amp_dtype(_cfg("config.MODEL.AMP_PARAMS.AMP_ARGS.dtype=fp8"), CPU)

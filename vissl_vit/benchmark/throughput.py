@@ -2,6 +2,7 @@
 
     python tools/benchmark_throughput.py config=benchmark/throughput/vit_tiny_32 [--batch-size 64]
         [--steps 10] [--warmup 3] [--repeats 5] [--json out.json] [--no-timm] [--no-e2e] [--compile]
+        [--timm-defaults]
 
 Everything is measured in one process, on the same device, alternating the two models within each
 repeat so that both see the same machine state; each figure is the median over repeats:
@@ -14,6 +15,11 @@ repeat so that both see the same machine state; each figure is the median over r
   2 x multiply-adds, forward only; a training step is about 3x) and, on a GPU, model FLOPs
   utilisation of the training step against the device's dense bf16 peak;
 - peak memory of a training step (GPU only: torch.cuda.max_memory_allocated).
+
+Both models run under the config's precision (MODEL.AMP_PARAMS: the same autocast dtype), and only
+vissl_vit's is compiled with ``--compile`` (MODEL.COMPILE). ``--timm-defaults`` runs timm's model as
+timm's train.py does by default instead, in float32 without autocast (``--amp`` off), eager: "each
+at its own defaults" when the config is vissl_vit's defaults, measured in the same run.
 """
 
 from __future__ import annotations
@@ -121,10 +127,11 @@ def measure_models(
     steps: int,
     warmup: int,
     repeats: int,
-    dtype: torch.dtype | None = None,
+    dtypes: dict[str, torch.dtype | None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Median training and inference images/s (and GPU peak memory) of each model, both under the
-    same autocast dtype (None: full precision)."""
+    """Median training and inference images/s (and GPU peak memory) of each model, each under its
+    autocast dtype in ``dtypes`` (a model not there, or None: full precision)."""
+    dtypes = dtypes or {}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *image, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
@@ -137,18 +144,19 @@ def measure_models(
     for name, m in models.items():  # warm-up (allocator, kernels, lazy state)
         m.train()
         for _ in range(warmup):
-            _train_step(m, opts[name], x, y, dtype)
+            _train_step(m, opts[name], x, y, dtypes.get(name))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            _train_step(m, opts[name], x, y, dtype)
+            _train_step(m, opts[name], x, y, dtypes.get(name))
             _sync(device)
             peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
     for r in range(repeats):
         # interleave, and alternate which goes first: both models see the same machine state
         for name, m in list(models.items()) if r % 2 == 0 else list(models.items())[::-1]:
+            dtype = dtypes.get(name)
             m.train()
             train_ips[name].append(
-                batch * steps / _time(lambda m=m, o=opts[name]: _train_step(m, o, x, y, dtype), steps, device)
+                batch * steps / _time(lambda m=m, o=opts[name], d=dtype: _train_step(m, o, x, y, d), steps, device)
             )
             m.eval()
             with torch.no_grad(), _autocast(device, dtype):
@@ -159,6 +167,7 @@ def measure_models(
             "train_images_per_sec": statistics.median(train_ips[n]),
             "infer_images_per_sec": statistics.median(infer_ips[n]),
             "peak_memory_mb": peak.get(n, float("nan")),
+            "precision": str(dtypes.get(n) or torch.float32).removeprefix("torch."),
         }
         for n in models
     }
@@ -266,7 +275,12 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             "--repeats": ("repeats", int),
             "--json": ("json", str),
         },
-        switches={"--no-timm": ("timm", False), "--no-e2e": ("e2e", False), "--compile": ("compile", True)},
+        switches={
+            "--no-timm": ("timm", False),
+            "--no-e2e": ("e2e", False),
+            "--compile": ("compile", True),
+            "--timm-defaults": ("timm_defaults", True),
+        },
         defaults={
             "batch_size": None,
             "steps": 10,
@@ -276,6 +290,7 @@ def _parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             "timm": True,
             "e2e": True,
             "compile": False,
+            "timm_defaults": False,
         },
         usage=USAGE,
     )
@@ -312,6 +327,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     gflops = {name: flops_per_image(m, x) / 1e9 for name, m in models.items()}
     if cfg.MODEL.COMPILE:
         models["vissl_vit"].compile()
+    ours = amp_dtype(cfg, device)
+    dtypes = {"vissl_vit": ours, "timm": None if opts["timm_defaults"] else ours}
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -322,6 +339,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "steps": opts["steps"],
         "repeats": opts["repeats"],
         "compiled": cfg.MODEL.COMPILE,
+        "timm_defaults": opts["timm_defaults"],
         "models": measure_models(
             models,
             batch,
@@ -331,12 +349,13 @@ def run(argv: list[str]) -> dict[str, Any]:
             opts["steps"],
             opts["warmup"],
             opts["repeats"],
-            amp_dtype(cfg, device),
+            dtypes,
         ),
     }
     for name in models:
         r = results["models"][name]
         r["gflops_per_image"] = gflops[name]
+        r["compiled"] = bool(cfg.MODEL.COMPILE) and name == "vissl_vit"
         peak = next((p for k, p in BF16_PEAK_TFLOPS.items() if k in results["device"]), None)
         r["mfu"] = 3 * gflops[name] * 1e9 * r["train_images_per_sec"] / (peak * 1e12) if peak else None
     if opts["timm"]:
@@ -361,15 +380,20 @@ def _print(r: dict[str, Any]) -> None:
         f"device: {r['device']}, torch {r['torch']}, batch {r['batch_size']}, image {r['image']}, "
         f"median of {r['repeats']} x {r['steps']} steps"
     )
-    print(f"{'model':<10} {'train img/s':>12} {'infer img/s':>12} {'GFLOPs/img':>11} {'peak MB':>9} {'MFU':>7}")
+    print(
+        f"{'model':<10} {'run as':<18} {'train img/s':>12} {'infer img/s':>12} {'GFLOPs/img':>11} {'peak MB':>9} "
+        f"{'MFU':>7}"
+    )
     for name, m in r["models"].items():
         mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+        run_as = f"{m['precision']}, {'compiled' if m['compiled'] else 'eager'}"
         print(
-            f"{name:<10} {m['train_images_per_sec']:>12.1f} {m['infer_images_per_sec']:>12.1f} "
+            f"{name:<10} {run_as:<18} {m['train_images_per_sec']:>12.1f} {m['infer_images_per_sec']:>12.1f} "
             f"{m['gflops_per_image']:>11.3f} {m['peak_memory_mb']:>9.0f} {mfu:>7}"
         )
     if "ratio_train" in r:
-        print(f"vissl_vit / timm: training {r['ratio_train']:.3f}x, inference {r['ratio_infer']:.3f}x")
+        each = " (each at its own defaults: timm as its train.py runs by default)" if r["timm_defaults"] else ""
+        print(f"vissl_vit / timm: training {r['ratio_train']:.3f}x, inference {r['ratio_infer']:.3f}x{each}")
     if "end_to_end" in r:
         e = r["end_to_end"]
         print(
