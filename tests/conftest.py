@@ -29,6 +29,17 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     )
 
 
+def run_here(capfd, *args: str) -> subprocess.CompletedProcess:
+    """What :func:`run_cli` gives, from the command's ``main`` run in this process: for one-process
+    runs and errors, which need no process of their own (and so skip its start-up of ~6 s)."""
+    from vissl_vit.engine.launch import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["run_distributed_engines.py", *args], code, out, err)
+
+
 @pytest.fixture
 def quick_overrides(tmp_path: Path) -> list[str]:
     """The instant test config, writing its run folder under tmp_path."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import read_losses, run_cli
+from tests.conftest import read_losses, run_cli, run_here
 from tests.engine.resume_utils import (
     ITERATIONS,
     TWO_PROC_ARGS,
@@ -142,14 +142,15 @@ def test_swav_queue_resumes_at_another_world_size(tmp_path):
     assert int(state["loss_per_rank"][0]["queue_filled"]) == 32
 
 
-def test_a_changed_model_is_refused_and_train_config_is_kept(tmp_path):
+def test_a_changed_model_is_refused_and_train_config_is_kept(tmp_path, capfd):
     run = tmp_path / "run"
     base = ["config=test/quick_vit", "config.TEST_MODEL=False", "config.OPTIMIZER.num_epochs=1"]
-    proc = run_cli(*base, f"config.CHECKPOINT.DIR={run}")
+    proc = run_here(capfd, *base, f"config.CHECKPOINT.DIR={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = (run / "train_config.yaml").read_text()
     (run / ".tmp_stale.torch").write_bytes(b"x" * 100)  # what a kill -9 mid-write leaves
-    proc = run_cli(
+    proc = run_here(
+        capfd,
         *base,
         "config.MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=3",
         "config.OPTIMIZER.name=sgd",
@@ -165,7 +166,9 @@ def test_a_changed_model_is_refused_and_train_config_is_kept(tmp_path):
     assert "num_epochs" not in msg[0]  # accepted changes are not what stops it
     assert (run / "train_config.yaml").read_text() == before
     # an accepted change resumes, listed in one warning; the stale temporary file is gone
-    proc = run_cli(*base, "config.OPTIMIZER.num_epochs=2", "config.LOG_FREQUENCY=2", f"config.CHECKPOINT.DIR={run}")
+    proc = run_here(
+        capfd, *base, "config.OPTIMIZER.num_epochs=2", "config.LOG_FREQUENCY=2", f"config.CHECKPOINT.DIR={run}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning = [line for line in proc.stdout.splitlines() if "with a changed config" in line]
     assert len(warning) == 1 and "OPTIMIZER.num_epochs: 1 -> 2" in warning[0] and "LOG_FREQUENCY: 1 -> 2" in warning[0]
