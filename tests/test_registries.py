@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 
-import vissl_vit  # noqa: F401  (registers everything)
 from vissl_vit.registry import COLLATORS, HEADS, LOSSES, TRUNKS
 
 TRUNK_KWARGS = {

@@ -15,15 +15,53 @@ The Python API mirrors the command line::
 ``run_extract_features_engine`` / ``run_nearest_neighbor_engine`` are the evaluation engines.
 """
 
-from vissl_vit.config import compose_config, derive_run_values
-from vissl_vit.data import build_dataloader, build_dataset
-from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
-from vissl_vit.engine.train_engine import run_train_engine
-from vissl_vit.load_run import load_run
-from vissl_vit.losses import build_loss
-from vissl_vit.meters import build_meter
-from vissl_vit.models import apply_weights_init, build_model
-from vissl_vit.optim import build_lr_scheduler, build_optimizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module it comes from: imported on first use (PEP 562), so that ``import vissl_vit``
+# and the command line's --help, --list-configs and config errors do not wait for torch
+_EXPORTS = {
+    "apply_weights_init": "vissl_vit.models",
+    "build_dataloader": "vissl_vit.data",
+    "build_dataset": "vissl_vit.data",
+    "build_loss": "vissl_vit.losses",
+    "build_lr_scheduler": "vissl_vit.optim",
+    "build_meter": "vissl_vit.meters",
+    "build_model": "vissl_vit.models",
+    "build_optimizer": "vissl_vit.optim",
+    "compose_config": "vissl_vit.config",
+    "derive_run_values": "vissl_vit.config",
+    "load_run": "vissl_vit.load_run",
+    "run_extract_features_engine": "vissl_vit.engine.extract_engine",
+    "run_nearest_neighbor_engine": "vissl_vit.engine.extract_engine",
+    "run_train_engine": "vissl_vit.engine.train_engine",
+}
+
+if TYPE_CHECKING:
+    from vissl_vit.config import compose_config, derive_run_values
+    from vissl_vit.data import build_dataloader, build_dataset
+    from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
+    from vissl_vit.engine.train_engine import run_train_engine
+    from vissl_vit.load_run import load_run
+    from vissl_vit.losses import build_loss
+    from vissl_vit.meters import build_meter
+    from vissl_vit.models import apply_weights_init, build_model
+    from vissl_vit.optim import build_lr_scheduler, build_optimizer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vissl_vit' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 

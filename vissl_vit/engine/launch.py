@@ -42,16 +42,17 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from vissl_vit.config import compose_config
-from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption, early_preemption
 from vissl_vit.engine.run_lock import lock_run_folder
 from vissl_vit.errors import ConfigError, UserError
 from vissl_vit.utils.cli import cli_main, exit_status, usage_status
+
+if TYPE_CHECKING:
+    import torch.multiprocessing  # imported where used: --help and --list-configs need no torch
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ _COLLECTIVE_ERROR = re.compile(r"/gloo/|NCCL|Connection (closed|reset) by peer|P
 
 
 def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_COLLECTIVE_ERROR.search(str(e))))
 
 
@@ -227,6 +230,11 @@ def run_worker(cfg_root: DictConfig, info: WorkerInfo) -> None:
     Raises:
         CollectiveError: a collective timed out or lost its peer (the message says which rank).
     """
+    import torch
+    import torch.distributed as dist
+
+    from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption
+
     engine = _engine(cfg_root.config.ENGINE_NAME)
     catch_early_preemption()
     lock = lock_run_folder(cfg_root.config.CHECKPOINT.DIR) if info.how != "spawn" and info.rank == 0 else None
@@ -270,6 +278,8 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 def _spawned_worker(
     local_rank: int, cfg_yaml: str, node_id: int, local_world: int, world: int, init: str, backend: str
 ) -> None:
+    from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption
+
     _die_with_parent()
     # Ctrl-C is the launcher's to handle (it forwards SIGTERM): a terminal's Ctrl-C reaches the
     # whole foreground group, this worker and its loader workers included
@@ -447,6 +457,10 @@ class _Supervisor:
 
 def _spawn_and_supervise(cfg_root: DictConfig, world: int, init: str, backend: str) -> None:
     """Start this node's workers and supervise them until they have all ended."""
+    import torch.multiprocessing
+
+    from vissl_vit.engine.hooks.checkpoint_hook import early_preemption
+
     d = cfg_root.config.DISTRIBUTED
     # the stop signals stay blocked while the workers start: they inherit the mask (through spawn's
     # exec) and unblock it only once they ignore SIGINT; here they wait for the handlers below.
@@ -489,6 +503,10 @@ def launch(cfg_root: DictConfig, early_signals: list[int] | tuple[int, ...] = ()
         early_signals: SIGTERM / SIGUSR1 received before this call (the command line records them
             from its first line): the run then stops before it starts, with exit status 0.
     """
+    import torch
+
+    from vissl_vit.engine.hooks.checkpoint_hook import catch_early_preemption, early_preemption
+
     catch_early_preemption(early_signals)
     cfg = cfg_root.config
     info = environment_worker(cfg)
