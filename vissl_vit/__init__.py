@@ -20,6 +20,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# bound now: the function's name is also its module's, which an import of vissl_vit.load_run would
+# otherwise leave here in its place (that module imports no torch)
+from vissl_vit.load_run import load_run
+
 # name -> the module it comes from: imported on first use (PEP 562), so that ``import vissl_vit``
 # and the command line's --help, --list-configs and config errors do not wait for torch
 _EXPORTS = {
@@ -33,7 +37,6 @@ _EXPORTS = {
     "build_optimizer": "vissl_vit.optim",
     "compose_config": "vissl_vit.config",
     "derive_run_values": "vissl_vit.config",
-    "load_run": "vissl_vit.load_run",
     "run_extract_features_engine": "vissl_vit.engine.extract_engine",
     "run_nearest_neighbor_engine": "vissl_vit.engine.extract_engine",
     "run_train_engine": "vissl_vit.engine.train_engine",
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
     from vissl_vit.data import build_dataloader, build_dataset
     from vissl_vit.engine.extract_engine import run_extract_features_engine, run_nearest_neighbor_engine
     from vissl_vit.engine.train_engine import run_train_engine
-    from vissl_vit.load_run import load_run
     from vissl_vit.losses import build_loss
     from vissl_vit.meters import build_meter
     from vissl_vit.models import apply_weights_init, build_model
