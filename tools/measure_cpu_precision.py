@@ -89,17 +89,14 @@ def commands(out: str, quickstart: bool = True) -> list[tuple[str, list[str]]]:
 
 
 def _last_test_top1(run_dir: str) -> float | None:
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
+    """The run's last test top-1 (the curves' reader: a resumed run's repeated phases once, not the
+    EMA's meter), or None without a finished run there."""
+    from vissl_vit.visualize.curves import read_run
+
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         return None
-    top1 = None
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            meter = next((v for k, v in row.items() if k.startswith("test_") and isinstance(v, dict)), None)
-            if meter and "top_1" in meter:
-                top1 = float(next(iter(meter["top_1"].values())))
-    return top1
+    test = read_run(run_dir).top1["test"]
+    return test[-1][1] if test else None
 
 
 def _run_as(model: dict) -> str:

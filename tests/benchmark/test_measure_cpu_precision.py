@@ -39,6 +39,7 @@ def test_summary_reads_the_last_test_top1_and_the_benchmark_ratios(tmp_path):
         {"phase_idx": 3, "test_loss": 0.4, "test_accuracy_list_meter": {"top_1": {"0": 88.5}, "top_5": {"0": 99.6}}},
     ]
     (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "stdout.json").write_text(json.dumps({"iteration": 1, "loss": 2.0, "lr": 0.1}) + "\n")
     model = {"train_images_per_sec": 130.0, "infer_images_per_sec": 600.0, "precision": "bfloat16", "compiled": True}
     timm = {**model, "train_images_per_sec": 80.0, "precision": "float32", "compiled": False}
     bench = {"models": {"vissl_vit": model, "timm": timm}, "ratio_train": 1.625, "ratio_infer": 2.1}
